@@ -1,0 +1,5 @@
+//! Pure Docker Engine API knowledge shared by both halves: no sockets, no tasks.
+
+pub mod error;
+pub mod headers;
+pub mod route;

@@ -1,0 +1,104 @@
+//! Classifies Docker API requests. The engine registers every route twice, as
+//! `/v{version}/path` and as `/path`, so we match both and never normalize.
+
+use http::Method;
+
+/// The requests the proxy treats specially; everything else is `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Ping,
+    Version,
+    ContainerCreate,
+    ContainerAttach,
+    ExecStart,
+    /// BuildKit session (`/session`): the engine speaks h2 first after the 101.
+    Session,
+    /// BuildKit control API (`/grpc`): the client speaks h2 first after the 101.
+    Grpc,
+    Other,
+}
+
+impl Route {
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Ping => "ping",
+            Route::Version => "version",
+            Route::ContainerCreate => "container-create",
+            Route::ContainerAttach => "attach",
+            Route::ExecStart => "exec-start",
+            Route::Session => "session",
+            Route::Grpc => "grpc",
+            Route::Other => "api",
+        }
+    }
+}
+
+/// Strips a `/v1.41`-style prefix; returns the path unchanged when there is none.
+pub fn unversioned(path: &str) -> &str {
+    let Some(rest) = path.strip_prefix("/v") else {
+        return path;
+    };
+    let version_len = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    let (version, tail) = rest.split_at(version_len);
+    if version.is_empty() || !tail.starts_with('/') {
+        return path;
+    }
+    tail
+}
+
+pub fn classify(method: &Method, path: &str) -> Route {
+    let path = unversioned(path);
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET | &Method::HEAD, ["_ping"]) => Route::Ping,
+        (&Method::GET, ["version"]) => Route::Version,
+        (&Method::POST, ["containers", "create"]) => Route::ContainerCreate,
+        (&Method::POST, ["containers", _, "attach"]) => Route::ContainerAttach,
+        (&Method::POST, ["exec", _, "start"]) => Route::ExecStart,
+        (&Method::POST, ["session"]) => Route::Session,
+        (&Method::POST, ["grpc"]) => Route::Grpc,
+        _ => Route::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_version_prefix_only_when_it_is_one() {
+        assert_eq!(unversioned("/v1.41/containers/json"), "/containers/json");
+        assert_eq!(unversioned("/v1/info"), "/info");
+        assert_eq!(unversioned("/containers/json"), "/containers/json");
+        assert_eq!(unversioned("/v1.41"), "/v1.41");
+        assert_eq!(unversioned("/volumes/x"), "/volumes/x");
+        assert_eq!(unversioned("/vx/info"), "/vx/info");
+    }
+
+    #[test]
+    fn classifies_versioned_and_unversioned_paths() {
+        assert_eq!(classify(&Method::HEAD, "/_ping"), Route::Ping);
+        assert_eq!(classify(&Method::GET, "/v1.41/_ping"), Route::Ping);
+        assert_eq!(
+            classify(&Method::POST, "/v1.41/containers/create"),
+            Route::ContainerCreate
+        );
+        assert_eq!(
+            classify(&Method::POST, "/containers/abc/attach"),
+            Route::ContainerAttach
+        );
+        assert_eq!(
+            classify(&Method::POST, "/v1.50/exec/abc/start"),
+            Route::ExecStart
+        );
+        assert_eq!(classify(&Method::POST, "/session"), Route::Session);
+        assert_eq!(classify(&Method::POST, "/v1.41/grpc"), Route::Grpc);
+        assert_eq!(classify(&Method::GET, "/containers/create"), Route::Other);
+        assert_eq!(
+            classify(&Method::POST, "/containers/a/b/attach"),
+            Route::Other
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! The one place bytes are pumped between two streams (hijacked connections).
+//!
+//! Like `tokio::io::copy_bidirectional`, EOF in one direction becomes a
+//! half-close (shutdown of the write side) in that direction only, and the
+//! other direction keeps flowing until its own EOF: `docker exec` without `-i`
+//! half-closes at once and still reads all output. Unlike it, buffers start
+//! small and grow only for streams that move data, so a thousand idle
+//! attaches cost little memory.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const INITIAL_BUFFER: usize = 1024;
+const MAX_BUFFER: usize = 256 * 1024;
+
+/// Byte counts moved in each direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Spliced {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+}
+
+/// Relays `a` ⇄ `b` until both directions reached EOF, or one failed.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<Spliced>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = Pipe::default();
+    let mut b_to_a = Pipe::default();
+    poll_fn(|cx| {
+        let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b)?;
+        let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a)?;
+        match (forward, backward) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok::<(), io::Error>(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await?;
+    Ok(Spliced {
+        a_to_b: a_to_b.total,
+        b_to_a: b_to_a.total,
+    })
+}
+
+#[derive(Default)]
+struct Pipe {
+    buffer: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The last read filled the whole buffer: a busy stream, grow next time.
+    filled: bool,
+    read_done: bool,
+    needs_flush: bool,
+    finished: bool,
+    total: u64,
+}
+
+impl Pipe {
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.start == self.end && !self.read_done {
+                self.prepare_buffer();
+                let mut read_buf = ReadBuf::new(&mut self.buffer);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+                    Poll::Ready(Ok(())) => {
+                        let n = read_buf.filled().len();
+                        self.filled = n == self.buffer.len();
+                        self.start = 0;
+                        self.end = n;
+                        self.read_done = n == 0;
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Pending => {
+                        // Nothing more to read for now: push out what was written.
+                        if self.needs_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                            self.needs_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.start < self.end {
+                let n = ready!(
+                    Pin::new(&mut *writer).poll_write(cx, &self.buffer[self.start..self.end])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.total += n as u64;
+                self.needs_flush = true;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.finished = true;
+                self.buffer = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    fn prepare_buffer(&mut self) {
+        if self.buffer.is_empty() {
+            self.buffer = vec![0; INITIAL_BUFFER];
+        } else if self.filled && self.buffer.len() < MAX_BUFFER {
+            self.buffer = vec![0; self.buffer.len() * 4];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn half_close_keeps_the_other_direction_flowing() {
+        let (mut client, mut client_side) = duplex(64);
+        let (mut server_side, mut server) = duplex(64);
+        let relay = tokio::spawn(async move { splice(&mut client_side, &mut server_side).await });
+
+        // The client says something and half-closes, like `docker exec` without -i.
+        client.write_all(b"stdin").await.unwrap();
+        client.shutdown().await.unwrap();
+
+        // The server sees the bytes, then EOF, and still answers afterwards.
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"stdin");
+        let reply = vec![7u8; 300_000];
+        let expected = reply.clone();
+        let writer = tokio::spawn(async move {
+            server.write_all(&reply).await.unwrap();
+            server.shutdown().await.unwrap();
+        });
+
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, expected);
+        writer.await.unwrap();
+        let counts = relay.await.unwrap().unwrap();
+        assert_eq!(
+            counts,
+            Spliced {
+                a_to_b: 5,
+                b_to_a: 300_000
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn buffers_grow_only_for_busy_streams() {
+        let mut pipe = Pipe::default();
+        pipe.prepare_buffer();
+        assert_eq!(pipe.buffer.len(), INITIAL_BUFFER);
+        pipe.filled = true;
+        pipe.prepare_buffer();
+        assert_eq!(pipe.buffer.len(), INITIAL_BUFFER * 4);
+        pipe.filled = false;
+        pipe.prepare_buffer();
+        assert_eq!(pipe.buffer.len(), INITIAL_BUFFER * 4);
+    }
+}

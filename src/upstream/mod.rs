@@ -1,0 +1,75 @@
+//! Where the proxy sends Docker API requests.
+//!
+//! The proxy only knows the [`Upstream`] trait: send a request, get the response
+//! head as soon as it exists, and, for a 101, a byte stream for the hijacked
+//! connection. Today the one implementation is the engine itself
+//! ([`engine::EngineUpstream`], over unix, tcp or tls); the link to a remote
+//! agent is a second implementation of the same trait.
+
+pub mod address;
+pub mod engine;
+pub mod tls;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+use http::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::body::Body;
+
+/// A bidirectional byte stream with half-close (`poll_shutdown` = FIN / END_STREAM).
+pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Duplex for T {}
+
+pub type BoxedIo = Box<dyn Duplex>;
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// One request/response exchange with an upstream.
+pub struct Exchange {
+    pub response: Response<Body>,
+    /// Present when the upstream switched protocols (101): resolves to the raw
+    /// stream, which replays any bytes read ahead of the response head.
+    pub upgrade: Option<BoxFuture<io::Result<BoxedIo>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Nothing was sent: the upstream could not be reached at all.
+    Unreachable,
+    /// The connection failed while the request was in flight.
+    Broken,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{target}: {reason}")]
+pub struct UpstreamError {
+    pub kind: FailureKind,
+    /// The upstream as the user named it, e.g. `unix:///var/run/docker.sock`.
+    pub target: String,
+    pub reason: String,
+}
+
+pub trait Upstream: Send + Sync + 'static {
+    /// Sends one request; resolves once the response head has arrived.
+    fn send(&self, request: Request<Body>) -> BoxFuture<Result<Exchange, UpstreamError>>;
+
+    /// The upstream as the user named it, for messages.
+    fn describe(&self) -> &str;
+}
+
+/// Walks an error's source chain into one line ("a: b: c").
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

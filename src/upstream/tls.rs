@@ -1,0 +1,89 @@
+//! TLS configuration from Docker's file conventions (`ca.pem`, `cert.pem`,
+//! `key.pem`). Keys are read, never logged.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no {what}")]
+    Missing { path: PathBuf, what: &'static str },
+    #[error("invalid TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Files that make a TLS client identity, named like Docker's flags.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read = |source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut reader = BufReader::new(File::open(path).map_err(read)?);
+    let certs = rustls_pemfile::certs(&mut reader)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read)?;
+    if certs.is_empty() {
+        return Err(TlsError::Missing {
+            path: path.to_path_buf(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let read = |source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut reader = BufReader::new(File::open(path).map_err(read)?);
+    rustls_pemfile::private_key(&mut reader)
+        .map_err(read)?
+        .ok_or_else(|| TlsError::Missing {
+            path: path.to_path_buf(),
+            what: "private key",
+        })
+}
+
+/// A client config that trusts `files.ca` (or nothing else) and presents
+/// `files.cert`/`files.key` when both are given.
+pub fn client_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    if let Some(ca) = &files.ca {
+        for cert in load_certs(ca)? {
+            roots.add(cert)?;
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match (&files.cert, &files.key) {
+        (Some(cert), Some(key)) => {
+            builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
