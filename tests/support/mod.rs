@@ -1,0 +1,305 @@
+//! Test bed shared by the integration tests: a real proxy process on a
+//! temporary socket in front of the real engine, real clients, and cleanup of
+//! everything a test creates (and nothing else).
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const IMAGE: &str = "offload-test/busybox:latest";
+pub const ENGINE: &str = "unix:///var/run/docker.sock";
+pub const ENGINE_SOCKET: &str = "/var/run/docker.sock";
+pub const DOCKER_28: &str = "/usr/local/bin/docker";
+pub const DOCKER_20: &str = "/usr/bin/docker";
+
+/// Builds the fixture images once per test binary (the script is idempotent and locked).
+pub fn ensure_images() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/build-images.sh");
+        let output = Command::new("bash")
+            .arg(script)
+            .output()
+            .expect("run fixtures/build-images.sh");
+        assert!(
+            output.status.success(),
+            "fixtures/build-images.sh failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
+}
+
+/// A name no other test (or test run) uses; every resource name starts with `offload-test-`.
+pub fn unique(what: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("offload-test-{what}-{}-{n}-{nanos:x}", std::process::id())
+}
+
+/// A running `offload proxy` on a private socket.
+pub struct Proxy {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Proxy {
+    /// A proxy in front of the local engine.
+    pub fn start() -> Proxy {
+        Proxy::start_with(&["--docker", ENGINE])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("offload.sock");
+        Proxy::spawn_at(dir, socket, extra)
+    }
+
+    pub fn spawn_at(dir: tempfile::TempDir, socket: PathBuf, extra: &[&str]) -> Proxy {
+        let log = dir.path().join("proxy.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_offload"))
+            .arg("proxy")
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .args(extra)
+            .env("RUST_LOG", "offload=debug,info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn offload proxy");
+        let mut proxy = Proxy {
+            child: Some(child),
+            dir,
+            socket,
+            log,
+        };
+        proxy.wait_ready();
+        proxy
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("proxy exited early ({status}): {}", self.log_text());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("proxy did not start: {}", self.log_text());
+    }
+
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (as a user's Ctrl-C would) without waiting.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the proxy to exit by itself, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// A docker CLI command aimed at this proxy.
+    pub fn docker(&self, cli: &str) -> Command {
+        let mut command = Command::new(cli);
+        command
+            .env("DOCKER_HOST", self.host())
+            .env_remove("DOCKER_CONTEXT");
+        command.env("DOCKER_CONFIG", self.dir.path().join("docker-config"));
+        command
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a command to completion with a deadline; kills it when it overruns.
+pub fn run(mut command: Command, stdin: Option<&[u8]>, limit: Duration) -> Output {
+    command
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let description = format!("{command:?}");
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {description}: {e}"));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(input).expect("write stdin");
+    }
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || read_all(stdout));
+    let err_reader = std::thread::spawn(move || read_all(stderr));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{description} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+fn read_all(mut reader: impl Read) -> Vec<u8> {
+    let mut buffer = Vec::new();
+    let _ = reader.read_to_end(&mut buffer);
+    buffer
+}
+
+/// Asserts success and returns stdout as text.
+pub fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "command failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The engine, directly (not through the proxy): for setup and cleanup.
+pub fn engine() -> Command {
+    let mut command = Command::new(DOCKER_28);
+    command
+        .env("DOCKER_HOST", ENGINE)
+        .env_remove("DOCKER_CONTEXT");
+    command
+}
+
+/// Removes, on drop, the engine resources a test registered, directly at the engine.
+#[derive(Default)]
+pub struct Cleanup {
+    containers: Vec<String>,
+    images: Vec<String>,
+    volumes: Vec<String>,
+    networks: Vec<String>,
+}
+
+impl Cleanup {
+    pub fn container(&mut self, name: &str) -> String {
+        self.containers.push(name.to_string());
+        name.to_string()
+    }
+    pub fn image(&mut self, name: &str) -> String {
+        self.images.push(name.to_string());
+        name.to_string()
+    }
+    pub fn volume(&mut self, name: &str) -> String {
+        self.volumes.push(name.to_string());
+        name.to_string()
+    }
+    pub fn network(&mut self, name: &str) -> String {
+        self.networks.push(name.to_string());
+        name.to_string()
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let quiet = |args: &[&str], names: &[String]| {
+            if names.is_empty() {
+                return;
+            }
+            let mut command = engine();
+            command
+                .args(args)
+                .args(names)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let _ = command.status();
+        };
+        quiet(&["rm", "-f", "-v"], &self.containers);
+        quiet(&["rmi", "-f"], &self.images);
+        quiet(&["volume", "rm", "-f"], &self.volumes);
+        quiet(&["network", "rm"], &self.networks);
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads until the peer closes (or `limit`).
+pub fn raw_exchange(socket: &Path, request: &[u8], limit: Duration) -> Vec<u8> {
+    let mut stream = UnixStream::connect(socket).expect("connect");
+    stream.set_read_timeout(Some(limit)).expect("timeout");
+    stream.write_all(request).expect("write");
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+    }
+    response
+}
+
+/// A `GET /_ping` through `socket` succeeds: the proxy is still serving.
+pub fn ping_ok(socket: &Path) -> bool {
+    let response = raw_exchange(
+        socket,
+        b"GET /_ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    response.starts_with(b"HTTP/1.1 200") && response.ends_with(b"OK")
+}
