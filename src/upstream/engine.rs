@@ -64,18 +64,20 @@ impl Upstream for EngineUpstream {
             *request.uri_mut() = pool_uri(request.uri());
             // The pooled client speaks HTTP/1.1 upstream whatever the client spoke.
             *request.version_mut() = http::Version::HTTP_11;
-            let mut response = client
-                .request(request)
-                .await
-                .map_err(|error| UpstreamError {
-                    kind: if error.is_connect() {
+            let mut response = client.request(request).await.map_err(|error| {
+                // A refused TLS handshake can surface mid-request (TLS 1.3
+                // checks the client certificate after the client finished).
+                let tls = tls::explain_failure(&error);
+                UpstreamError {
+                    kind: if error.is_connect() || tls.is_some() {
                         FailureKind::Unreachable
                     } else {
                         FailureKind::Broken
                     },
                     target: target.clone(),
-                    reason: error_chain(&error),
-                })?;
+                    reason: tls.unwrap_or_else(|| error_chain(&error)),
+                }
+            })?;
             let upgrade = (response.status() == StatusCode::SWITCHING_PROTOCOLS).then(|| {
                 let pending = hyper::upgrade::on(&mut response);
                 Box::pin(async move {

@@ -87,3 +87,63 @@ pub fn client_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ClientConfig, T
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
+
+/// Finds a TLS failure anywhere in an error chain and says what it means for
+/// the user: which side refused whom, and which flag to check.
+pub fn explain_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            return Some(describe(tls));
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn describe(error: &rustls::Error) -> String {
+    match error {
+        rustls::Error::AlertReceived(alert) => format!(
+            "the remote refused the TLS handshake ({alert:?}): it does not accept our client \
+             certificate; check --tlscert/--tlskey and the CA the remote trusts"
+        ),
+        rustls::Error::InvalidCertificate(reason) => format!(
+            "the remote's certificate is not trusted ({reason:?}): it must be signed by the CA \
+             in --tlscacert and name the host you connect to"
+        ),
+        other => format!("TLS failed: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explains_tls_errors_wrapped_in_io_errors() {
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA),
+        );
+        let text = explain_failure(&alert).expect("found");
+        assert!(
+            text.contains("UnknownCA") && text.contains("--tlscert"),
+            "{text}"
+        );
+
+        let untrusted = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let text = explain_failure(&untrusted).expect("found");
+        assert!(
+            text.contains("UnknownIssuer") && text.contains("--tlscacert"),
+            "{text}"
+        );
+
+        let plain = std::io::Error::other("refused");
+        assert!(explain_failure(&plain).is_none());
+    }
+}
