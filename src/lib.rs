@@ -18,9 +18,14 @@
 //! - [`lifecycle`]: cancellation, task tracking and signal handling.
 //! - [`duration`]: human durations (`500ms`, `10s`, `30m`) for flags.
 
+pub mod agent;
 pub mod body;
+pub mod certs;
 pub mod docker;
 pub mod duration;
 pub mod lifecycle;
+pub mod link;
 pub mod proxy;
+pub mod splice;
+pub mod tls;
 pub mod upstream;

@@ -34,9 +34,7 @@ impl Lifecycle {
     pub async fn shutdown(&self, grace: Duration) -> bool {
         self.token.cancel();
         self.tracker.close();
-        tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_ok()
+        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
     }
 }
 

@@ -5,11 +5,19 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use offload::agent::{Agent, AgentListener};
+use offload::certs::CertsPlan;
 use offload::duration::parse_duration;
+use offload::lifecycle::{termination_signal, Lifecycle};
+use offload::link::transport::{Dialer, RemoteAddress, SshOptions};
 use offload::proxy::{self, ProxyConfig};
+use offload::tls::TlsFiles;
 use offload::upstream::address::EngineAddress;
 use offload::upstream::engine::EngineUpstream;
-use offload::upstream::tls::TlsFiles;
+use offload::upstream::link::LinkUpstream;
+use offload::upstream::Upstream;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_rustls::TlsAcceptor;
 
 /// Run containers and builds on a remote Docker Engine with the Docker tools you already use.
 #[derive(Parser)]
@@ -21,8 +29,60 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the Docker API on a local unix socket, forwarding to an engine.
+    /// Serve the Docker API on a local unix socket, forwarding to an engine or an agent.
     Proxy(ProxyArgs),
+    /// Run the remote half next to dockerd (over TLS, or on stdio for ssh).
+    Agent(AgentArgs),
+    /// Certificates for the TLS link.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a CA, an agent (server) and a proxy (client) certificate, with Docker's file names
+    Init(CertsInitArgs),
+}
+
+#[derive(clap::Args)]
+struct CertsInitArgs {
+    /// Where to write ca.pem, server-cert.pem, server-key.pem, cert.pem, key.pem
+    #[arg(long)]
+    dir: PathBuf,
+    /// A name or IP address the agent is reached by (repeatable); localhost is always included
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Replace existing files
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Where proxies connect: tls://ADDR:PORT (port 0 picks one; the log names it)
+    #[arg(long, required_unless_present = "stdio", conflicts_with = "stdio")]
+    listen: Option<String>,
+    /// Speak the link on stdin/stdout (what `ssh host offload agent --stdio` runs)
+    #[arg(long)]
+    stdio: bool,
+    /// Allow a plain tcp:// (loopback only) or unix:// listener: for tests
+    #[arg(long)]
+    insecure: bool,
+    /// The engine: unix:///var/run/docker.sock, tcp://host:port or tls://host:port
+    #[arg(long, default_value = "unix:///var/run/docker.sock", value_parser = EngineAddress::parse)]
+    docker: EngineAddress,
+    /// CA that proxies' client certificates must chain to
+    #[arg(long)]
+    tlscacert: Option<PathBuf>,
+    /// The agent's certificate
+    #[arg(long)]
+    tlscert: Option<PathBuf>,
+    /// The agent's private key
+    #[arg(long)]
+    tlskey: Option<PathBuf>,
+    /// How long open streams may continue after SIGINT/SIGTERM
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
 }
 
 #[derive(clap::Args)]
@@ -30,16 +90,28 @@ struct ProxyArgs {
     /// Where Docker clients connect: unix:///path/to/offload.sock
     #[arg(long, value_parser = parse_unix_listen)]
     listen: PathBuf,
-    /// The engine to forward to: unix:///var/run/docker.sock, tcp://host:port or tls://host:port
+    /// The engine to forward to directly: unix:///var/run/docker.sock, tcp://host:port or tls://host:port
     #[arg(long, default_value = "unix:///var/run/docker.sock", value_parser = EngineAddress::parse)]
     docker: EngineAddress,
-    /// CA certificate that the engine's certificate must chain to (tls://)
+    /// A remote agent instead: tls://HOST:PORT or ssh://[user@]host[:port]
+    #[arg(long, value_parser = RemoteAddress::parse)]
+    remote: Option<RemoteAddress>,
+    /// Allow a plain tcp:// (loopback only) or unix:// --remote: for tests
+    #[arg(long)]
+    insecure: bool,
+    /// An argument for ssh, before the host (repeatable), e.g. --ssh-arg=-F --ssh-arg=FILE
+    #[arg(long = "ssh-arg", allow_hyphen_values = true)]
+    ssh_args: Vec<String>,
+    /// The command ssh runs on the remote host
+    #[arg(long, default_value = "offload agent --stdio")]
+    remote_command: String,
+    /// CA certificate that the engine's (or agent's) certificate must chain to
     #[arg(long)]
     tlscacert: Option<PathBuf>,
-    /// Client certificate presented to the engine (tls://)
+    /// Client certificate presented to the engine or agent
     #[arg(long)]
     tlscert: Option<PathBuf>,
-    /// Client private key (tls://)
+    /// Client private key
     #[arg(long)]
     tlskey: Option<PathBuf>,
     /// How long open streams may continue after SIGINT/SIGTERM
@@ -50,9 +122,7 @@ struct ProxyArgs {
 fn parse_unix_listen(text: &str) -> Result<PathBuf, String> {
     match EngineAddress::parse(text)? {
         EngineAddress::Unix(path) => Ok(path),
-        _ => Err(format!(
-            "{text:?}: the proxy listens on a unix socket (unix:///path)"
-        )),
+        _ => Err(format!("{text:?}: the proxy listens on a unix socket (unix:///path)")),
     }
 }
 
@@ -68,6 +138,8 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Proxy(args) => runtime.block_on(run_proxy(args)),
+        Command::Agent(args) => runtime.block_on(run_agent(args)),
+        Command::Certs(CertsCommand::Init(args)) => certs_init(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,27 +150,113 @@ fn main() -> ExitCode {
     }
 }
 
+fn certs_init(args: CertsInitArgs) -> Result<(), String> {
+    let mut plan = CertsPlan::new(&args.dir);
+    plan.hosts = args.hosts;
+    plan.force = args.force;
+    let written = offload::certs::init(&plan).map_err(|e| e.to_string())?;
+    for file in written.files {
+        println!("{}", file.display());
+    }
+    Ok(())
+}
+
 async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
-    let tls = TlsFiles {
-        ca: args.tlscacert,
-        cert: args.tlscert,
-        key: args.tlskey,
+    let tls = TlsFiles { ca: args.tlscacert, cert: args.tlscert, key: args.tlskey };
+    let upstream: Arc<dyn Upstream> = match args.remote {
+        Some(remote) => {
+            check_plain(&remote, args.insecure)?;
+            let ssh = SshOptions { args: args.ssh_args, remote_command: args.remote_command };
+            let dialer = Dialer::new(remote, &tls, ssh).map_err(|e| e.to_string())?;
+            Arc::new(LinkUpstream::new(dialer))
+        }
+        None => Arc::new(EngineUpstream::new(args.docker, &tls).map_err(|e| e.to_string())?),
     };
-    let upstream = EngineUpstream::new(args.docker, &tls).map_err(|e| e.to_string())?;
-    let config = ProxyConfig {
-        listen: args.listen,
-        shutdown_grace: args.shutdown_grace,
+    let config = ProxyConfig { listen: args.listen, shutdown_grace: args.shutdown_grace };
+    proxy::serve(config, upstream).await.map_err(|e| e.to_string())
+}
+
+async fn run_agent(args: AgentArgs) -> Result<(), String> {
+    let engine = EngineUpstream::new(args.docker, &TlsFiles::default()).map_err(|e| e.to_string())?;
+    let agent = Agent::new(engine);
+    let lifecycle = Lifecycle::new();
+    if args.stdio {
+        // ssh owns this process: it ends when the link (stdin) closes.
+        agent.serve_stdio(lifecycle).await;
+        return Ok(());
+    }
+    let listen = RemoteAddress::parse(args.listen.as_deref().unwrap_or_default())?;
+    check_plain(&listen, args.insecure)?;
+    let tls = TlsFiles { ca: args.tlscacert, cert: args.tlscert, key: args.tlskey };
+    let (listener, shown) = agent_listener(&listen, &tls).await?;
+    tracing::info!(listen = %shown, "offload agent ready");
+    let serving = {
+        let lifecycle = lifecycle.clone();
+        tokio::spawn(async move { agent.serve(listener, lifecycle).await })
     };
-    proxy::serve(config, Arc::new(upstream))
-        .await
-        .map_err(|e| e.to_string())
+    if let Err(error) = termination_signal().await {
+        tracing::error!(%error, "cannot wait for signals; shutting down");
+    }
+    lifecycle.token.cancel();
+    let _ = serving.await;
+    if let RemoteAddress::Unix(path) = &listen {
+        let _ = std::fs::remove_file(path);
+    }
+    if !lifecycle.shutdown(args.shutdown_grace).await {
+        tracing::warn!("streams still open after the grace period; closing them");
+    }
+    Ok(())
+}
+
+/// Binds the agent's listener; returns it and its address as a URL.
+async fn agent_listener(listen: &RemoteAddress, tls: &TlsFiles) -> Result<(AgentListener, String), String> {
+    let bind_error = |e: std::io::Error| format!("cannot listen on {listen}: {e}");
+    match listen {
+        RemoteAddress::Tls { host, port } => {
+            let config = offload::tls::server_config(tls, &[b"h2"]).map_err(|e| e.to_string())?;
+            let tcp = TcpListener::bind((host.as_str(), *port)).await.map_err(bind_error)?;
+            let local = tcp.local_addr().map_err(bind_error)?;
+            let acceptor = TlsAcceptor::from(Arc::new(config));
+            Ok((AgentListener::Tls(tcp, acceptor), format!("tls://{local}")))
+        }
+        RemoteAddress::Tcp { host, port } => {
+            let tcp = TcpListener::bind((host.as_str(), *port)).await.map_err(bind_error)?;
+            let local = tcp.local_addr().map_err(bind_error)?;
+            Ok((AgentListener::PlainTcp(tcp), format!("tcp://{local}")))
+        }
+        RemoteAddress::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let unix = UnixListener::bind(path).map_err(bind_error)?;
+            Ok((AgentListener::Unix(unix, path.clone()), format!("unix://{}", path.display())))
+        }
+        RemoteAddress::Ssh { .. } => Err("the agent listens on tls://; for ssh, use --stdio".to_string()),
+    }
+}
+
+/// Plain links carry Docker API access unencrypted and unauthenticated: only
+/// with --insecure, and over tcp only on loopback.
+fn check_plain(address: &RemoteAddress, insecure: bool) -> Result<(), String> {
+    if !address.is_plain() {
+        return Ok(());
+    }
+    if !insecure {
+        return Err(format!(
+            "{address} is unencrypted and unauthenticated; it needs --insecure (tests only)"
+        ));
+    }
+    if let RemoteAddress::Tcp { host, .. } = address {
+        let loopback =
+            host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Err(format!("{address}: a plain tcp link is only allowed on loopback"));
+        }
+    }
+    Ok(())
 }
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }

@@ -29,9 +29,7 @@ impl Relay {
             .enable_all()
             .build()
             .expect("runtime");
-        let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let acceptor = tls.map(|config| tokio_rustls::TlsAcceptor::from(Arc::new(config)));
         runtime.spawn(async move {
@@ -55,10 +53,7 @@ impl Relay {
                 });
             }
         });
-        Relay {
-            port,
-            _runtime: runtime,
-        }
+        Relay { port, _runtime: runtime }
     }
 }
 
@@ -73,10 +68,7 @@ impl Pki {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
         let ca_key = KeyPair::generate().expect("key");
         let ca_cert = params.self_signed(&ca_key).expect("ca");
         Pki { ca_cert, ca_key }
@@ -84,12 +76,9 @@ impl Pki {
 
     fn issue(&self, names: &[&str]) -> (String, String) {
         let params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .expect("params");
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
         let key = KeyPair::generate().expect("key");
-        let cert = params
-            .signed_by(&key, &self.ca_cert, &self.ca_key)
-            .expect("sign");
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).expect("sign");
         (cert.pem(), key.serialize_pem())
     }
 
@@ -98,18 +87,13 @@ impl Pki {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_cert.der().clone()).expect("root");
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .build()
-        .expect("verifier");
-        let certs = rustls_pemfile::certs(&mut cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .expect("certs");
-        let key = rustls_pemfile::private_key(&mut key.as_bytes())
-            .expect("key")
-            .expect("a key");
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .expect("verifier");
+        let certs =
+            rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>().expect("certs");
+        let key = rustls_pemfile::private_key(&mut key.as_bytes()).expect("key").expect("a key");
         rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("versions")
@@ -144,10 +128,7 @@ fn tls_proxy(relay: &Relay, files: &Path) -> Proxy {
 fn attach_round_trip(proxy: &Proxy) {
     let mut command = proxy.docker(DOCKER_28);
     command.args(["run", "-i", "--rm", IMAGE, "cat"]);
-    assert_eq!(
-        ok(run(command, Some(b"over the wire\n"), LIMIT)),
-        "over the wire\n"
-    );
+    assert_eq!(ok(run(command, Some(b"over the wire\n"), LIMIT)), "over the wire\n");
 }
 
 #[test]
@@ -199,8 +180,5 @@ fn tls_refusals_are_explained() {
     let output = run(command, None, LIMIT);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("UnknownIssuer") || stderr.contains("certificate"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("UnknownIssuer") || stderr.contains("certificate"), "{stderr}");
 }

@@ -31,10 +31,7 @@ impl FakeEngine {
                 std::thread::spawn(move || serve(stream, root));
             }
         });
-        FakeEngine {
-            dir_guard: dir,
-            socket,
-        }
+        FakeEngine { dir_guard: dir, socket }
     }
 
     fn dir(&self) -> &Path {
@@ -85,17 +82,11 @@ fn read_request(reader: &mut BufReader<UnixStream>, dir: &Path) -> Option<Receiv
         reader.read_exact(&mut chunk).ok()?;
         body = chunk;
     }
-    Some(Received {
-        head,
-        body,
-        dir: dir.to_path_buf(),
-    })
+    Some(Received { head, body, dir: dir.to_path_buf() })
 }
 
 fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name}: ")))
-        .map(str::trim)
+    head.lines().find_map(|line| line.strip_prefix(&format!("{name}: "))).map(str::trim)
 }
 
 fn serve(stream: UnixStream, dir: PathBuf) {
@@ -111,12 +102,7 @@ fn serve(stream: UnixStream, dir: PathBuf) {
 }
 
 /// Answers by path; returns false when the connection is finished.
-fn respond(
-    path: &str,
-    request: &Received,
-    reader: &mut BufReader<UnixStream>,
-    out: &mut UnixStream,
-) -> bool {
+fn respond(path: &str, request: &Received, reader: &mut BufReader<UnixStream>, out: &mut UnixStream) -> bool {
     let send = |out: &mut UnixStream, bytes: &[u8]| out.write_all(bytes).is_ok();
     match path {
         "/echo" => {
@@ -206,11 +192,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn exchange(proxy: &Proxy, request: &str) -> String {
-    text(&raw_exchange(
-        &proxy.socket,
-        request.as_bytes(),
-        Duration::from_secs(10),
-    ))
+    text(&raw_exchange(&proxy.socket, request.as_bytes(), Duration::from_secs(10)))
 }
 
 #[test]
@@ -220,10 +202,7 @@ fn request_framing_reaches_the_engine_intact() {
 
     // An empty POST stays `Content-Length: 0` (the engine rejects `start` otherwise).
     let response = exchange(&proxy, "POST /echo HTTP/1.1\r\nHost: api.moby.localhost\r\nContent-Type: text/plain\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    let seen = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_ascii_lowercase())
-        .unwrap_or_default();
+    let seen = response.split_once("\r\n\r\n").map(|(_, b)| b.to_ascii_lowercase()).unwrap_or_default();
     assert!(seen.contains("content-length: 0\r\n"), "{response}");
     assert!(!seen.contains("transfer-encoding"), "{response}");
     assert!(seen.contains("host: api.moby.localhost\r\n"), "{response}");
@@ -237,23 +216,14 @@ fn request_framing_reaches_the_engine_intact() {
     // Repeated header lines stay separate lines, in order.
     let response = exchange(&proxy, "POST /echo HTTP/1.1\r\nHost: x\r\nX-Docker-Expose-Session-Grpc-Method: /a\r\nX-Docker-Expose-Session-Grpc-Method: /b\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     let lower = response.to_ascii_lowercase();
-    let first = lower
-        .find("x-docker-expose-session-grpc-method: /a\r\n")
-        .expect(&response);
-    let second = lower
-        .find("x-docker-expose-session-grpc-method: /b\r\n")
-        .expect(&response);
+    let first = lower.find("x-docker-expose-session-grpc-method: /a\r\n").expect(&response);
+    let second = lower.find("x-docker-expose-session-grpc-method: /b\r\n").expect(&response);
     assert!(first < second);
 
     // A client without Host (HTTP/1.0) still gets one upstream.
     let response = exchange(&proxy, "GET /echo HTTP/1.0\r\n\r\n");
     assert!(response.starts_with("HTTP/1.0 200 OK\r\n"), "{response}");
-    assert!(
-        response
-            .to_ascii_lowercase()
-            .contains("host: api.moby.localhost"),
-        "{response}"
-    );
+    assert!(response.to_ascii_lowercase().contains("host: api.moby.localhost"), "{response}");
     // Engine headers come back in Go's canonical casing.
     assert!(response.contains("Api-Version: 1.41\r\n"), "{response}");
     assert!(response.contains("Ostype: linux\r\n"), "{response}");
@@ -263,57 +233,30 @@ fn request_framing_reaches_the_engine_intact() {
 fn response_framing_is_kept() {
     let engine = FakeEngine::start();
     let proxy = engine.proxy();
-    let response = exchange(
-        &proxy,
-        "GET /chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
-    assert!(
-        response.contains("Transfer-Encoding: chunked\r\n"),
-        "{response}"
-    );
-    assert!(
-        response.contains("{}\n\r\n") && response.ends_with("0\r\n\r\n"),
-        "{response}"
-    );
+    let response = exchange(&proxy, "GET /chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(response.contains("Transfer-Encoding: chunked\r\n"), "{response}");
+    assert!(response.contains("{}\n\r\n") && response.ends_with("0\r\n\r\n"), "{response}");
 
     let response = exchange(
         &proxy,
         "POST /no-content HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     );
-    assert!(
-        response.starts_with("HTTP/1.1 204 No Content\r\n"),
-        "{response}"
-    );
-    assert!(
-        !response.to_ascii_lowercase().contains("content-length"),
-        "{response}"
-    );
+    assert!(response.starts_with("HTTP/1.1 204 No Content\r\n"), "{response}");
+    assert!(!response.to_ascii_lowercase().contains("content-length"), "{response}");
     assert!(response.ends_with("\r\n\r\n"), "{response}");
 
     let response = exchange(
         &proxy,
         "POST /not-modified HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     );
-    assert!(
-        response.starts_with("HTTP/1.1 304 Not Modified\r\n"),
-        "{response}"
-    );
+    assert!(response.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{response}");
     assert!(response.ends_with("\r\n\r\n"), "{response}");
 
-    let response = exchange(
-        &proxy,
-        "HEAD /head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
+    let response = exchange(&proxy, "HEAD /head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(response.contains("Content-Length: 2\r\n"), "{response}");
-    assert!(
-        response.ends_with("\r\n\r\n"),
-        "HEAD must have no body: {response}"
-    );
+    assert!(response.ends_with("\r\n\r\n"), "HEAD must have no body: {response}");
 
-    let response = exchange(
-        &proxy,
-        "GET /split HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
+    let response = exchange(&proxy, "GET /split HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(response.ends_with("{\"split\":\"reads\"}"), "{response}");
 }
 
@@ -331,10 +274,7 @@ fn response_head_is_relayed_before_the_body() {
     reader.read_line(&mut status).expect("status line");
     let head_after = started.elapsed();
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    assert!(
-        head_after < Duration::from_millis(700),
-        "head took {head_after:?}"
-    );
+    assert!(head_after < Duration::from_millis(700), "head took {head_after:?}");
     let mut rest = String::new();
     reader.read_to_string(&mut rest).expect("rest");
     assert!(rest.contains("{\"StatusCode\":0}"), "{rest}");
@@ -345,21 +285,12 @@ fn response_head_is_relayed_before_the_body() {
 fn hijack_without_upgrade_is_answered_close_delimited() {
     let engine = FakeEngine::start();
     let proxy = engine.proxy();
-    let response = exchange(
-        &proxy,
-        "POST /hijack-200 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
-    );
+    let response = exchange(&proxy, "POST /hijack-200 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
     let (head, body) = response.split_once("\r\n\r\n").expect(&response);
     assert!(head.starts_with("HTTP/1.0 200 OK"), "{response}");
     let lower = head.to_ascii_lowercase();
-    assert!(
-        !lower.contains("content-length") && !lower.contains("transfer-encoding"),
-        "{response}"
-    );
-    assert!(
-        head.contains("Content-Type: application/vnd.docker.raw-stream"),
-        "{response}"
-    );
+    assert!(!lower.contains("content-length") && !lower.contains("transfer-encoding"), "{response}");
+    assert!(head.contains("Content-Type: application/vnd.docker.raw-stream"), "{response}");
     assert_eq!(body, "raw stream bytes");
 }
 
@@ -368,9 +299,7 @@ fn upgrade_keeps_head_read_ahead_and_half_close() {
     let engine = FakeEngine::start();
     let proxy = engine.proxy();
     let mut stream = UnixStream::connect(&proxy.socket).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     // A body on the upgrade request (like exec start), nothing sent after it yet.
     stream
         .write_all(b"POST /upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
@@ -387,23 +316,12 @@ fn upgrade_keeps_head_read_ahead_and_half_close() {
     }
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     let lower = head.to_ascii_lowercase();
-    assert!(
-        lower.contains("upgrade: tcp\r\n") && lower.contains("connection: upgrade\r\n"),
-        "{head}"
-    );
-    assert!(
-        !lower.contains("content-length") && !lower.contains("transfer-encoding"),
-        "{head}"
-    );
-    assert!(
-        head.contains("Content-Type: application/vnd.docker.multiplexed-stream"),
-        "{head}"
-    );
+    assert!(lower.contains("upgrade: tcp\r\n") && lower.contains("connection: upgrade\r\n"), "{head}");
+    assert!(!lower.contains("content-length") && !lower.contains("transfer-encoding"), "{head}");
+    assert!(head.contains("Content-Type: application/vnd.docker.multiplexed-stream"), "{head}");
 
     stream.write_all(b"ping").expect("write");
-    stream
-        .shutdown(std::net::Shutdown::Write)
-        .expect("half-close");
+    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
     let mut rest = String::new();
     reader.read_to_string(&mut rest).expect("rest");
     assert_eq!(rest, "early|PING|after-eof");
@@ -413,32 +331,17 @@ fn upgrade_keeps_head_read_ahead_and_half_close() {
 fn engine_garbage_becomes_a_json_error_and_the_proxy_keeps_serving() {
     let engine = FakeEngine::start();
     let proxy = engine.proxy();
-    let response = exchange(
-        &proxy,
-        "GET /garbage HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
-    assert!(
-        response.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
-        "{response}"
-    );
-    assert!(
-        response.contains("Content-Type: application/json"),
-        "{response}"
-    );
+    let response = exchange(&proxy, "GET /garbage HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{response}");
+    assert!(response.contains("Content-Type: application/json"), "{response}");
     assert!(
         response.contains("{\"message\":\"offload: the connection to the Docker engine at unix://"),
         "{response}"
     );
-    let response = exchange(
-        &proxy,
-        "GET /missing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
+    let response = exchange(&proxy, "GET /missing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     // The next request is served normally: one bad answer harmed nobody else.
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
-    assert!(
-        response.ends_with("{\"message\":\"page not found\"}\n"),
-        "{response}"
-    );
+    assert!(response.ends_with("{\"message\":\"page not found\"}\n"), "{response}");
 }
 
 #[test]
@@ -446,9 +349,7 @@ fn client_disconnect_cancels_the_upstream_stream() {
     let engine = FakeEngine::start();
     let proxy = engine.proxy();
     let mut stream = UnixStream::connect(&proxy.socket).expect("connect");
-    stream
-        .write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("write");
+    stream.write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
     let mut first = [0u8; 64];
     let n = stream.read(&mut first).expect("head");
     assert!(text(&first[..n]).starts_with("HTTP/1.1 200"));

@@ -20,10 +20,7 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
     let mut response = Response::new(body::full(json.clone()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(json.len()));
     response
 }
@@ -45,9 +42,6 @@ mod tests {
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
         let expected = error_json("down").len().to_string();
-        assert_eq!(
-            response.headers()[header::CONTENT_LENGTH],
-            expected.as_str()
-        );
+        assert_eq!(response.headers()[header::CONTENT_LENGTH], expected.as_str());
     }
 }

@@ -102,10 +102,7 @@ mod tests {
         assert!(!headers.contains_key("keep-alive"));
         assert!(!headers.contains_key("x-private"));
         assert!(!headers.contains_key("transfer-encoding"));
-        let methods: Vec<_> = headers
-            .get_all("x-docker-expose-session-grpc-method")
-            .iter()
-            .collect();
+        let methods: Vec<_> = headers.get_all("x-docker-expose-session-grpc-method").iter().collect();
         assert_eq!(methods, ["/a", "/b"]);
         assert_eq!(headers["host"], "api.moby.localhost");
     }
@@ -144,16 +141,8 @@ mod tests {
         let none = HeaderMap::new();
         assert!(is_close_delimited(&Method::POST, StatusCode::OK, &none));
         assert!(!is_close_delimited(&Method::HEAD, StatusCode::OK, &none));
-        assert!(!is_close_delimited(
-            &Method::POST,
-            StatusCode::NO_CONTENT,
-            &none
-        ));
-        assert!(!is_close_delimited(
-            &Method::POST,
-            StatusCode::NOT_MODIFIED,
-            &none
-        ));
+        assert!(!is_close_delimited(&Method::POST, StatusCode::NO_CONTENT, &none));
+        assert!(!is_close_delimited(&Method::POST, StatusCode::NOT_MODIFIED, &none));
         let chunked = map(&[("transfer-encoding", "chunked")]);
         assert!(!is_close_delimited(&Method::GET, StatusCode::OK, &chunked));
         let sized = map(&[("content-length", "2")]);

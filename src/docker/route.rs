@@ -38,9 +38,7 @@ pub fn unversioned(path: &str) -> &str {
     let Some(rest) = path.strip_prefix("/v") else {
         return path;
     };
-    let version_len = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(rest.len());
+    let version_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
     let (version, tail) = rest.split_at(version_len);
     if version.is_empty() || !tail.starts_with('/') {
         return path;
@@ -81,24 +79,12 @@ mod tests {
     fn classifies_versioned_and_unversioned_paths() {
         assert_eq!(classify(&Method::HEAD, "/_ping"), Route::Ping);
         assert_eq!(classify(&Method::GET, "/v1.41/_ping"), Route::Ping);
-        assert_eq!(
-            classify(&Method::POST, "/v1.41/containers/create"),
-            Route::ContainerCreate
-        );
-        assert_eq!(
-            classify(&Method::POST, "/containers/abc/attach"),
-            Route::ContainerAttach
-        );
-        assert_eq!(
-            classify(&Method::POST, "/v1.50/exec/abc/start"),
-            Route::ExecStart
-        );
+        assert_eq!(classify(&Method::POST, "/v1.41/containers/create"), Route::ContainerCreate);
+        assert_eq!(classify(&Method::POST, "/containers/abc/attach"), Route::ContainerAttach);
+        assert_eq!(classify(&Method::POST, "/v1.50/exec/abc/start"), Route::ExecStart);
         assert_eq!(classify(&Method::POST, "/session"), Route::Session);
         assert_eq!(classify(&Method::POST, "/v1.41/grpc"), Route::Grpc);
         assert_eq!(classify(&Method::GET, "/containers/create"), Route::Other);
-        assert_eq!(
-            classify(&Method::POST, "/containers/a/b/attach"),
-            Route::Other
-        );
+        assert_eq!(classify(&Method::POST, "/containers/a/b/attach"), Route::Other);
     }
 }

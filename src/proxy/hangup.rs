@@ -36,9 +36,9 @@ impl HangupWatch {
                 Ok(_) => {
                     // Writable is the normal state: clear it and wait for the
                     // next change (the socket's events are edge-triggered).
-                    let _ = self.duplicate.try_io(Interest::WRITABLE, || {
-                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                    });
+                    let _ = self
+                        .duplicate
+                        .try_io(Interest::WRITABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
                 }
                 Err(_) => return,
             }

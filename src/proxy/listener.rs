@@ -9,9 +9,7 @@ use tokio::net::UnixListener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error(
-        "another process is already serving on {0}; stop it first or choose another --listen path"
-    )]
+    #[error("another process is already serving on {0}; stop it first or choose another --listen path")]
     InUse(PathBuf),
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
@@ -45,10 +43,7 @@ impl Drop for SocketFile {
 
 /// Binds `path` as a 0600 unix socket. Must run inside a tokio runtime.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ListenError> {
-    let io_error = |source| ListenError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_error = |source| ListenError::Io { path: path.to_path_buf(), source };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io_error)?;
     }
@@ -56,10 +51,7 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ListenError> {
 
     // Bind under a temporary name, restrict it, then rename into place, so
     // the socket is never reachable at `path` with looser permissions.
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let staging = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&staging);
     let listener = UnixListener::bind(&staging).map_err(io_error)?;
@@ -70,25 +62,14 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), ListenError> {
         return Err(io_error(source));
     }
     let inode = std::fs::symlink_metadata(path).map_err(io_error)?.ino();
-    Ok((
-        listener,
-        SocketFile {
-            path: path.to_path_buf(),
-            inode,
-        },
-    ))
+    Ok((listener, SocketFile { path: path.to_path_buf(), inode }))
 }
 
 fn remove_stale(path: &Path) -> Result<(), ListenError> {
     let metadata = match std::fs::symlink_metadata(path) {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ListenError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(source) => return Err(ListenError::Io { path: path.to_path_buf(), source }),
     };
     if !metadata.file_type().is_socket() {
         return Err(ListenError::NotASocket(path.to_path_buf()));
@@ -97,15 +78,9 @@ fn remove_stale(path: &Path) -> Result<(), ListenError> {
         Ok(_) => Err(ListenError::InUse(path.to_path_buf())),
         Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
             tracing::info!(path = %path.display(), "replacing a stale socket file");
-            std::fs::remove_file(path).map_err(|source| ListenError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
+            std::fs::remove_file(path).map_err(|source| ListenError::Io { path: path.to_path_buf(), source })
         }
-        Err(source) => Err(ListenError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(ListenError::Io { path: path.to_path_buf(), source }),
     }
 }
 

@@ -5,7 +5,6 @@ pub mod hangup;
 pub mod listener;
 pub mod parse_errors;
 pub mod service;
-pub mod splice;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,10 +36,7 @@ pub struct ProxyConfig {
 }
 
 /// Binds the socket, serves until SIGINT/SIGTERM, then drains and removes it.
-pub async fn serve(
-    config: ProxyConfig,
-    upstream: Arc<dyn Upstream>,
-) -> Result<(), listener::ListenError> {
+pub async fn serve(config: ProxyConfig, upstream: Arc<dyn Upstream>) -> Result<(), listener::ListenError> {
     let (listener, socket_file) = listener::bind(&config.listen)?;
     let lifecycle = Lifecycle::new();
     tracing::info!(
@@ -66,10 +62,7 @@ pub async fn serve(
 /// Accepts connections until `lifecycle.token` is cancelled. One task per
 /// connection; every task is tracked by the lifecycle.
 pub async fn run(listener: UnixListener, upstream: Arc<dyn Upstream>, lifecycle: Lifecycle) {
-    let state = Arc::new(ProxyState {
-        upstream,
-        lifecycle: lifecycle.clone(),
-    });
+    let state = Arc::new(ProxyState { upstream, lifecycle: lifecycle.clone() });
     let mut next_id: u64 = 0;
     loop {
         let stream = tokio::select! {
@@ -84,16 +77,11 @@ pub async fn run(listener: UnixListener, upstream: Arc<dyn Upstream>, lifecycle:
         };
         next_id += 1;
         let span = tracing::debug_span!("conn", id = next_id);
-        lifecycle
-            .spawn(serve_connection(stream, state.clone(), lifecycle.clone()).instrument(span));
+        lifecycle.spawn(serve_connection(stream, state.clone(), lifecycle.clone()).instrument(span));
     }
 }
 
-async fn serve_connection(
-    stream: tokio::net::UnixStream,
-    state: Arc<ProxyState>,
-    lifecycle: Lifecycle,
-) {
+async fn serve_connection(stream: tokio::net::UnixStream, state: Arc<ProxyState>, lifecycle: Lifecycle) {
     let (stream, watch) = match HangupWatch::new(stream) {
         Ok(split) => split,
         Err(error) => return tracing::warn!(%error, "cannot watch the client connection"),

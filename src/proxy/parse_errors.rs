@@ -27,10 +27,7 @@ pin_project_lite::pin_project! {
 
 impl<T> JsonParseErrors<T> {
     pub fn new(inner: T) -> Self {
-        Self {
-            inner,
-            pending: Bytes::new(),
-        }
+        Self { inner, pending: Bytes::new() }
     }
 }
 
@@ -49,21 +46,13 @@ impl<T: AsyncWrite> JsonParseErrors<T> {
 }
 
 impl<T: AsyncRead> AsyncRead for JsonParseErrors<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_read(cx, buf)
     }
 }
 
 impl<T: AsyncWrite> AsyncWrite for JsonParseErrors<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         ready!(self.as_mut().poll_drain(cx))?;
         if let Some(replacement) = replace_automatic_error(buf) {
             *self.as_mut().project().pending = replacement;
@@ -136,11 +125,7 @@ pub fn replace_automatic_error(written: &[u8]) -> Option<Bytes> {
         _ => "the request is not valid HTTP/1.1 (bad request line, header or URI); check the client that sent it",
     };
     let body = error_json(message);
-    let version = if written.starts_with(b"HTTP/1.0") {
-        "HTTP/1.0"
-    } else {
-        "HTTP/1.1"
-    };
+    let version = if written.starts_with(b"HTTP/1.0") { "HTTP/1.0" } else { "HTTP/1.1" };
     let reason = response.reason.unwrap_or("");
     let head = format!(
         "{version} {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -157,20 +142,17 @@ mod tests {
 
     #[test]
     fn replaces_hypers_bare_error_heads() {
-        let head = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nDate: Thu, 03 Dec 2026 17:00:00 GMT\r\n\r\n";
+        let head =
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nDate: Thu, 03 Dec 2026 17:00:00 GMT\r\n\r\n";
         let out = replace_automatic_error(head).expect("replaced");
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"));
         let (_, body) = text.split_once("\r\n\r\n").unwrap();
         let json: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert!(json["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("offload: the request is not valid"));
+        assert!(json["message"].as_str().unwrap().starts_with("offload: the request is not valid"));
         assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
 
-        let too_large =
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        let too_large = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
         let text = String::from_utf8(replace_automatic_error(too_large).unwrap().to_vec()).unwrap();
         assert!(text.contains("too large"));
     }

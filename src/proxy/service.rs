@@ -12,7 +12,6 @@ use hyper_util::rt::TokioIo;
 use tracing::Instrument;
 
 use super::hangup::HangupWatch;
-use super::splice::splice;
 use crate::body::{self, Body};
 use crate::docker::error::error_response;
 use crate::docker::headers::{
@@ -20,6 +19,7 @@ use crate::docker::headers::{
 };
 use crate::docker::route::classify;
 use crate::lifecycle::Lifecycle;
+use crate::splice::splice;
 use crate::upstream::{BoxFuture, BoxedIo, FailureKind, Upstream, UpstreamError};
 
 /// What every request handler shares.
@@ -36,9 +36,8 @@ pub async fn handle(
     let route = classify(request.method(), request.uri().path());
     let method = request.method().clone();
     // Only HTTP/1.1 can upgrade; hyper ignores `Upgrade` on HTTP/1.0 too.
-    let upgrade = (request.version() == Version::HTTP_11)
-        .then(|| requested_upgrade(request.headers()))
-        .flatten();
+    let upgrade =
+        (request.version() == Version::HTTP_11).then(|| requested_upgrade(request.headers())).flatten();
     let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
 
     let (mut parts, incoming) = request.into_parts();
@@ -61,18 +60,12 @@ pub async fn handle(
             ));
         };
         let span = tracing::debug_span!("hijack", route = route.name());
-        state
-            .lifecycle
-            .spawn(relay(client_side, upstream_side, watch).instrument(span));
+        state.lifecycle.spawn(relay(client_side, upstream_side, watch).instrument(span));
     }
 
     // The engine answers a hijack without `Upgrade` close-delimited; hyper
     // would re-frame that as chunked on HTTP/1.1, which some clients refuse.
-    head.version = if close_delimited {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
+    head.version = if close_delimited { Version::HTTP_10 } else { Version::HTTP_11 };
     Ok(Response::from_parts(head, response_body))
 }
 
@@ -87,9 +80,7 @@ async fn relay(
     let (client, upstream) = tokio::join!(client_side, upstream_side);
     let (client, mut upstream) = match (client, upstream) {
         (Ok(client), Ok(upstream)) => (client, upstream),
-        (Err(error), _) => {
-            return tracing::debug!(%error, "client left before the upgrade completed")
-        }
+        (Err(error), _) => return tracing::debug!(%error, "client left before the upgrade completed"),
         (_, Err(error)) => return tracing::debug!(%error, "upstream upgrade failed"),
     };
     let mut client = TokioIo::new(client);

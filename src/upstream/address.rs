@@ -15,9 +15,7 @@ impl EngineAddress {
     pub fn parse(text: &str) -> Result<Self, String> {
         if let Some(path) = text.strip_prefix("unix://") {
             if !path.starts_with('/') {
-                return Err(format!(
-                    "{text:?}: a unix socket path must be absolute (unix:///path)"
-                ));
+                return Err(format!("{text:?}: a unix socket path must be absolute (unix:///path)"));
             }
             return Ok(EngineAddress::Unix(PathBuf::from(path)));
         }
@@ -29,24 +27,18 @@ impl EngineAddress {
             let (host, port) = host_port(text, rest)?;
             return Ok(EngineAddress::Tls { host, port });
         }
-        Err(format!(
-            "{text:?}: expected unix:///path, tcp://host:port or tls://host:port"
-        ))
+        Err(format!("{text:?}: expected unix:///path, tcp://host:port or tls://host:port"))
     }
 }
 
 fn host_port(text: &str, rest: &str) -> Result<(String, u16), String> {
     let rest = rest.trim_end_matches('/');
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{text:?}: missing port (host:port)"))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("{text:?}: missing port (host:port)"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Err(format!("{text:?}: missing host"));
     }
-    let port = port
-        .parse::<u16>()
-        .map_err(|_| format!("{text:?}: invalid port {port:?}"))?;
+    let port = port.parse::<u16>().map_err(|_| format!("{text:?}: invalid port {port:?}"))?;
     Ok((host.to_string(), port))
 }
 
@@ -78,17 +70,11 @@ mod tests {
         );
         assert_eq!(
             EngineAddress::parse("tcp://127.0.0.1:2375"),
-            Ok(EngineAddress::Tcp {
-                host: "127.0.0.1".into(),
-                port: 2375
-            })
+            Ok(EngineAddress::Tcp { host: "127.0.0.1".into(), port: 2375 })
         );
         assert_eq!(
             EngineAddress::parse("tls://[::1]:2376"),
-            Ok(EngineAddress::Tls {
-                host: "::1".into(),
-                port: 2376
-            })
+            Ok(EngineAddress::Tls { host: "::1".into(), port: 2376 })
         );
         assert_eq!(
             EngineAddress::parse("tls://[::1]:2376").map(|a| a.to_string()),

@@ -19,9 +19,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::address::EngineAddress;
-use super::tls::{self, TlsError, TlsFiles};
 use super::{error_chain, BoxFuture, BoxedIo, Exchange, FailureKind, Upstream, UpstreamError};
 use crate::body::{self, Body};
+use crate::tls::{self, TlsError, TlsFiles};
 
 /// How long to wait for a TCP connection to the engine before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,17 +37,13 @@ pub struct EngineUpstream {
 impl EngineUpstream {
     pub fn new(address: EngineAddress, tls_files: &TlsFiles) -> Result<Self, TlsError> {
         let tls = match &address {
-            EngineAddress::Tls { .. } => Some(TlsConnector::from(Arc::new(tls::client_config(
-                tls_files,
-                &[b"http/1.1"],
-            )?))),
+            EngineAddress::Tls { .. } => {
+                Some(TlsConnector::from(Arc::new(tls::client_config(tls_files, &[b"http/1.1"])?)))
+            }
             _ => None,
         };
         let described = address.to_string();
-        let connector = EngineConnector {
-            address: Arc::new(address),
-            tls,
-        };
+        let connector = EngineConnector { address: Arc::new(address), tls };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .http1_title_case_headers(true)
@@ -85,10 +81,7 @@ impl Upstream for EngineUpstream {
                     Ok(Box::new(TokioIo::new(upgraded)) as BoxedIo)
                 }) as BoxFuture<io::Result<BoxedIo>>
             });
-            Ok(Exchange {
-                response: response.map(body::stream),
-                upgrade,
-            })
+            Ok(Exchange { response: response.map(body::stream), upgrade })
         })
     }
 
@@ -100,9 +93,7 @@ impl Upstream for EngineUpstream {
 /// The absolute URI the pooled client needs; path and query stay byte-exact.
 fn pool_uri(uri: &Uri) -> Uri {
     let path = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
-    format!("{POOL_ORIGIN}{path}")
-        .parse()
-        .unwrap_or_else(|_| uri.clone())
+    format!("{POOL_ORIGIN}{path}").parse().unwrap_or_else(|_| uri.clone())
 }
 
 #[derive(Clone)]
@@ -174,21 +165,13 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for EngineStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for EngineStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         delegate!(self, s => Pin::new(s).poll_write(cx, buf))
     }
 
@@ -224,9 +207,7 @@ mod tests {
 
     #[test]
     fn pool_uri_keeps_path_and_query_exact() {
-        let uri: Uri = "/v1.41/containers/json?all=1&filters=%7B%22a%22%3A1%7D"
-            .parse()
-            .unwrap();
+        let uri: Uri = "/v1.41/containers/json?all=1&filters=%7B%22a%22%3A1%7D".parse().unwrap();
         assert_eq!(
             pool_uri(&uri).to_string(),
             "http://api.moby.localhost/v1.41/containers/json?all=1&filters=%7B%22a%22%3A1%7D"

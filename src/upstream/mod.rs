@@ -8,7 +8,7 @@
 
 pub mod address;
 pub mod engine;
-pub mod tls;
+pub mod link;
 
 use std::future::Future;
 use std::io;

@@ -3,6 +3,8 @@
 //! everything a test creates (and nothing else).
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod ssh;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -22,10 +24,7 @@ pub fn ensure_images() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/build-images.sh");
-        let output = Command::new("bash")
-            .arg(script)
-            .output()
-            .expect("run fixtures/build-images.sh");
+        let output = Command::new("bash").arg(script).output().expect("run fixtures/build-images.sh");
         assert!(
             output.status.success(),
             "fixtures/build-images.sh failed: {}",
@@ -51,6 +50,80 @@ pub struct Proxy {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     log: PathBuf,
+    /// What the proxy's upstream needs alive (an agent, an sshd); dropped after it.
+    guards: Vec<Box<dyn std::any::Any>>,
+}
+
+/// How the proxy reaches the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `--docker unix:///var/run/docker.sock`
+    Direct,
+    /// an agent over mutual TLS on a loopback port
+    TlsAgent,
+    /// an agent started by a real `ssh` talking to a real `sshd`
+    SshAgent,
+    /// an agent on a unix socket with `--insecure`
+    UnixAgent,
+}
+
+/// A running `offload agent`.
+pub struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts an agent and returns it with the address it listens on.
+    pub fn start(dir: &Path, args: &[String]) -> (AgentProcess, String) {
+        let log = dir.join(format!("agent-{}.log", unique("log")));
+        let log_file = std::fs::File::create(&log).expect("agent log");
+        let child = Command::new(env!("CARGO_BIN_EXE_offload"))
+            .arg("agent")
+            .args(args)
+            .env("RUST_LOG", "offload=debug,info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn offload agent");
+        let mut agent = AgentProcess { child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = agent.log_text();
+            if let Some(line) = text.lines().find(|l| l.contains("offload agent ready")) {
+                let listen =
+                    line.split("listen=").nth(1).unwrap_or("").split_whitespace().next().unwrap_or("");
+                return (agent, listen.to_string());
+            }
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("agent exited early ({status}): {text}");
+            }
+            assert!(Instant::now() < deadline, "agent did not start: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `offload certs init` into `dir`, for a TLS link on loopback.
+pub fn make_certs(dir: &Path) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_offload"));
+    command.args(["certs", "init", "--host", "127.0.0.1", "--dir"]).arg(dir);
+    ok(run(command, None, Duration::from_secs(30)));
 }
 
 impl Proxy {
@@ -78,13 +151,77 @@ impl Proxy {
             .stderr(log_file)
             .spawn()
             .expect("spawn offload proxy");
-        let mut proxy = Proxy {
-            child: Some(child),
-            dir,
-            socket,
-            log,
-        };
+        let mut proxy = Proxy { child: Some(child), dir, socket, log, guards: Vec::new() };
         proxy.wait_ready();
+        proxy
+    }
+
+    /// A proxy whose upstream is reached `via` the given path.
+    pub fn start_via(via: Via) -> Proxy {
+        let offload = env!("CARGO_BIN_EXE_offload");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("offload.sock");
+        let mut guards: Vec<Box<dyn std::any::Any>> = Vec::new();
+        let proxy_args: Vec<String> = match via {
+            Via::Direct => vec!["--docker".into(), ENGINE.into()],
+            Via::UnixAgent => {
+                let agent_socket = dir.path().join("agent.sock");
+                let listen = format!("unix://{}", agent_socket.display());
+                let (agent, url) =
+                    AgentProcess::start(dir.path(), &["--listen".into(), listen, "--insecure".into()]);
+                guards.push(Box::new(agent));
+                vec!["--remote".into(), url, "--insecure".into()]
+            }
+            Via::TlsAgent => {
+                let certs = dir.path().join("certs");
+                make_certs(&certs);
+                let file = |name: &str| certs.join(name).display().to_string();
+                let agent_args = [
+                    "--listen",
+                    "tls://127.0.0.1:0",
+                    "--tlscacert",
+                    &file("ca.pem"),
+                    "--tlscert",
+                    &file("server-cert.pem"),
+                    "--tlskey",
+                    &file("server-key.pem"),
+                ]
+                .map(String::from);
+                let (agent, url) = AgentProcess::start(dir.path(), &agent_args);
+                guards.push(Box::new(agent));
+                [
+                    "--remote",
+                    &url,
+                    "--tlscacert",
+                    &file("ca.pem"),
+                    "--tlscert",
+                    &file("cert.pem"),
+                    "--tlskey",
+                    &file("key.pem"),
+                ]
+                .map(String::from)
+                .to_vec()
+            }
+            Via::SshAgent => {
+                let remote = ssh::SshRemote::start();
+                let mut args = vec!["--remote".to_string(), remote.url()];
+                for arg in remote.ssh_args() {
+                    args.push(format!("--ssh-arg={arg}"));
+                }
+                args.push(format!("--remote-command={offload} agent --stdio --docker {ENGINE}"));
+                guards.push(Box::new(remote));
+                args
+            }
+        };
+        let args: Vec<&str> = proxy_args.iter().map(String::as_str).collect();
+        let mut proxy = Proxy::spawn_at(dir, socket, &args);
+        proxy.guards = guards;
+        if via != Via::Direct {
+            // Prove the path: the first request opens the link and a session.
+            assert!(ping_ok(&proxy.socket), "no ping through {via:?}: {}", proxy.log_text());
+            let log = proxy.log_text();
+            assert!(log.contains("connected to the agent; new session"), "{via:?} not used: {log}");
+        }
         proxy
     }
 
@@ -118,11 +255,7 @@ impl Proxy {
 
     /// Sends SIGTERM (as a user's Ctrl-C would) without waiting.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .expect("kill");
+        let status = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status().expect("kill");
         assert!(status.success());
     }
 
@@ -143,9 +276,7 @@ impl Proxy {
     /// A docker CLI command aimed at this proxy.
     pub fn docker(&self, cli: &str) -> Command {
         let mut command = Command::new(cli);
-        command
-            .env("DOCKER_HOST", self.host())
-            .env_remove("DOCKER_CONTEXT");
+        command.env("DOCKER_HOST", self.host()).env_remove("DOCKER_CONTEXT");
         command.env("DOCKER_CONFIG", self.dir.path().join("docker-config"));
         command
     }
@@ -163,17 +294,11 @@ impl Drop for Proxy {
 /// Runs a command to completion with a deadline; kills it when it overruns.
 pub fn run(mut command: Command, stdin: Option<&[u8]>, limit: Duration) -> Output {
     command
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let description = format!("{command:?}");
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {description}: {e}"));
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("spawn {description}: {e}"));
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("stdin");
         pipe.write_all(input).expect("write stdin");
@@ -222,9 +347,7 @@ pub fn ok(output: Output) -> String {
 /// The engine, directly (not through the proxy): for setup and cleanup.
 pub fn engine() -> Command {
     let mut command = Command::new(DOCKER_28);
-    command
-        .env("DOCKER_HOST", ENGINE)
-        .env_remove("DOCKER_CONTEXT");
+    command.env("DOCKER_HOST", ENGINE).env_remove("DOCKER_CONTEXT");
     command
 }
 
@@ -263,11 +386,7 @@ impl Drop for Cleanup {
                 return;
             }
             let mut command = engine();
-            command
-                .args(args)
-                .args(names)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+            command.args(args).args(names).stdout(Stdio::null()).stderr(Stdio::null());
             let _ = command.status();
         };
         quiet(&["rm", "-f", "-v"], &self.containers);

@@ -7,19 +7,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path} holds no {what}")]
     Missing { path: PathBuf, what: &'static str },
     #[error("invalid TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("{0} is required: the agent only accepts clients with a certificate from its CA")]
+    Required(&'static str),
+    #[error("cannot build the client certificate check: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
 /// Files that make a TLS client identity, named like Docker's flags.
@@ -35,35 +37,21 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read = |source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
+    let read = |source| TlsError::Read { path: path.to_path_buf(), source };
     let mut reader = BufReader::new(File::open(path).map_err(read)?);
-    let certs = rustls_pemfile::certs(&mut reader)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read)?;
+    let certs = rustls_pemfile::certs(&mut reader).collect::<Result<Vec<_>, _>>().map_err(read)?;
     if certs.is_empty() {
-        return Err(TlsError::Missing {
-            path: path.to_path_buf(),
-            what: "certificate",
-        });
+        return Err(TlsError::Missing { path: path.to_path_buf(), what: "certificate" });
     }
     Ok(certs)
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let read = |source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
+    let read = |source| TlsError::Read { path: path.to_path_buf(), source };
     let mut reader = BufReader::new(File::open(path).map_err(read)?);
     rustls_pemfile::private_key(&mut reader)
         .map_err(read)?
-        .ok_or_else(|| TlsError::Missing {
-            path: path.to_path_buf(),
-            what: "private key",
-        })
+        .ok_or_else(|| TlsError::Missing { path: path.to_path_buf(), what: "private key" })
 }
 
 /// A client config that trusts `files.ca` (or nothing else) and presents
@@ -79,11 +67,28 @@ pub fn client_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ClientConfig, T
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
     let mut config = match (&files.cert, &files.key) {
-        (Some(cert), Some(key)) => {
-            builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?
-        }
+        (Some(cert), Some(key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
         _ => builder.with_no_client_auth(),
     };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A server config that requires a client certificate signed by `files.ca`
+/// and presents `files.cert`/`files.key`.
+pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
+    let ca = files.ca.as_ref().ok_or(TlsError::Required("--tlscacert"))?;
+    let cert = files.cert.as_ref().ok_or(TlsError::Required("--tlscert"))?;
+    let key = files.key.as_ref().ok_or(TlsError::Required("--tlskey"))?;
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert)?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
@@ -131,17 +136,11 @@ mod tests {
             rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA),
         );
         let text = explain_failure(&alert).expect("found");
-        assert!(
-            text.contains("UnknownCA") && text.contains("--tlscert"),
-            "{text}"
-        );
+        assert!(text.contains("UnknownCA") && text.contains("--tlscert"), "{text}");
 
         let untrusted = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
         let text = explain_failure(&untrusted).expect("found");
-        assert!(
-            text.contains("UnknownIssuer") && text.contains("--tlscacert"),
-            "{text}"
-        );
+        assert!(text.contains("UnknownIssuer") && text.contains("--tlscacert"), "{text}");
 
         let plain = std::io::Error::other("refused");
         assert!(explain_failure(&plain).is_none());

@@ -41,10 +41,7 @@ where
         }
     })
     .await?;
-    Ok(Spliced {
-        a_to_b: a_to_b.total,
-        b_to_a: b_to_a.total,
-    })
+    Ok(Spliced { a_to_b: a_to_b.total, b_to_a: b_to_a.total })
 }
 
 #[derive(Default)]
@@ -98,9 +95,7 @@ impl Pipe {
                 }
             }
             while self.start < self.end {
-                let n = ready!(
-                    Pin::new(&mut *writer).poll_write(cx, &self.buffer[self.start..self.end])
-                )?;
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buffer[self.start..self.end]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -158,13 +153,7 @@ mod tests {
         assert_eq!(answer, expected);
         writer.await.unwrap();
         let counts = relay.await.unwrap().unwrap();
-        assert_eq!(
-            counts,
-            Spliced {
-                a_to_b: 5,
-                b_to_a: 300_000
-            }
-        );
+        assert_eq!(counts, Spliced { a_to_b: 5, b_to_a: 300_000 });
     }
 
     #[tokio::test]

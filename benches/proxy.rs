@@ -1,0 +1,1654 @@
+//! Benchmark harness for the transparent proxy (`offload proxy`).
+//!
+//! Every figure is measured side by side in one run: the engine socket itself
+//! ("direct") and the same engine through the proxy ("offload"), interleaved round by
+//! round so that the drift of this shared, noisy box hits both variants equally.
+//! See `benches/README.md` for what each row means and how to tune the run.
+//!
+//! Run with `cargo bench --bench proxy`. Without `--bench` (that is, when
+//! `cargo test --all-targets` runs this target) it only prints how to run it.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::fmt::Display;
+use std::future::Future;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::str::FromStr;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Host header for every request: the engine ignores it, but HTTP/1.1 (and Go's
+/// server) requires one.
+const API_HOST: &str = "docker";
+/// Label put on every container the bench creates; its value is the bench's pid, so
+/// a later run can tell leftovers of a killed run from containers of a live one.
+const LABEL: &str = "offload-bench.pid";
+/// Prefix of the bench's temporary directory, followed by the bench's pid.
+const TEMP_PREFIX: &str = "offload-bench-";
+const DEFAULT_IMAGE: &str = "offload-test/busybox:latest";
+/// Name of the one file inside the uploaded tar.
+const BULK_FILE: &str = "offload-bench.bin";
+/// Size of each chunk of the upload body. 64 KiB is in the range real clients write
+/// (the docker CLI copies with 32 KiB buffers) without making per-chunk cost dominate.
+const UPLOAD_CHUNK: usize = 64 * 1024;
+/// How long the proxy gets to start answering `/_ping`, and to exit after SIGTERM.
+const PROXY_START_TIMEOUT: Duration = Duration::from_secs(15);
+const PROXY_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long RSS is left to settle before it is read (lazy frees, deferred tasks).
+const SETTLE: Duration = Duration::from_secs(2);
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+type Result<T> = std::result::Result<T, BoxError>;
+
+/// `anyhow`-style context without the dependency: turns any displayable error into a
+/// message that says what the bench was doing.
+trait Context<T> {
+    fn context(self, what: impl Display) -> Result<T>;
+}
+
+impl<T, E: Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl Display) -> Result<T> {
+        self.map_err(|err| format!("{what}: {err}").into())
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------
+
+/// What stands behind the "offload" variant.
+enum ProxyKind {
+    /// A binary with the `offload proxy` command line (by default the one cargo built).
+    Offload(PathBuf),
+    /// `socat` relaying the socket: a stand-in to develop the harness against.
+    Socat,
+}
+
+/// The phases of the bench, each selectable on its own.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Memory,
+    Latency,
+    Logs,
+    Bulk,
+}
+
+impl Section {
+    const ALL: [Section; 4] = [Section::Memory, Section::Latency, Section::Logs, Section::Bulk];
+
+    fn parse(name: &str) -> Result<Section> {
+        match name {
+            "memory" => Ok(Section::Memory),
+            "latency" => Ok(Section::Latency),
+            "logs" => Ok(Section::Logs),
+            "bulk" => Ok(Section::Bulk),
+            other => {
+                Err(format!("unknown section {other:?} (expected memory, latency, logs or bulk)").into())
+            }
+        }
+    }
+}
+
+struct Config {
+    engine: PathBuf,
+    image: String,
+    proxy: ProxyKind,
+    sections: Vec<Section>,
+    /// Latency: measured rounds, discarded warm-up rounds, requests per round per variant.
+    rounds: usize,
+    warmup_rounds: usize,
+    requests: usize,
+    /// Bulk: payload per upload, measured uploads per variant, warm-up payload.
+    bulk_mib: u64,
+    bulk_rounds: usize,
+    bulk_warmup_mib: u64,
+    /// Logs: bytes the container writes (before line breaks), line width, rounds.
+    logs_mb: u64,
+    logs_line: u64,
+    logs_rounds: usize,
+    /// Memory: idle hijacked streams opened through the proxy.
+    streams: usize,
+    /// Hard cap on the whole run.
+    timeout: Duration,
+    /// Exit with status 2 when a target is missed.
+    strict: bool,
+}
+
+impl Config {
+    fn from_env(args: &[String]) -> Result<Config> {
+        Ok(Config {
+            engine: PathBuf::from(env_or("OFFLOAD_BENCH_ENGINE", "/var/run/docker.sock".to_string())?),
+            image: env_or("OFFLOAD_BENCH_IMAGE", DEFAULT_IMAGE.to_string())?,
+            proxy: proxy_kind()?,
+            sections: sections(args)?,
+            rounds: env_or("OFFLOAD_BENCH_ROUNDS", 5)?,
+            warmup_rounds: env_or("OFFLOAD_BENCH_WARMUP_ROUNDS", 1)?,
+            requests: env_or("OFFLOAD_BENCH_REQUESTS", 2000)?,
+            bulk_mib: env_or("OFFLOAD_BENCH_BULK_MIB", 1024)?,
+            bulk_rounds: env_or("OFFLOAD_BENCH_BULK_ROUNDS", 3)?,
+            bulk_warmup_mib: env_or("OFFLOAD_BENCH_BULK_WARMUP_MIB", 64)?,
+            logs_mb: env_or("OFFLOAD_BENCH_LOGS_MB", 32)?,
+            logs_line: env_or("OFFLOAD_BENCH_LOGS_LINE", 100)?,
+            logs_rounds: env_or("OFFLOAD_BENCH_LOGS_ROUNDS", 3)?,
+            streams: env_or("OFFLOAD_BENCH_STREAMS", 1000)?,
+            timeout: Duration::from_secs(env_or("OFFLOAD_BENCH_TIMEOUT_S", 600)?),
+            strict: env_or("OFFLOAD_BENCH_STRICT", 0u8)? != 0,
+        })
+        .and_then(Config::validated)
+    }
+
+    /// Rejects settings that would make a phase meaningless (no samples to compare).
+    fn validated(self) -> Result<Config> {
+        let positive = [
+            ("OFFLOAD_BENCH_ROUNDS", self.rounds as u64),
+            ("OFFLOAD_BENCH_REQUESTS", self.requests as u64),
+            ("OFFLOAD_BENCH_BULK_MIB", self.bulk_mib),
+            ("OFFLOAD_BENCH_BULK_ROUNDS", self.bulk_rounds as u64),
+            ("OFFLOAD_BENCH_LOGS_MB", self.logs_mb),
+            ("OFFLOAD_BENCH_LOGS_LINE", self.logs_line),
+            ("OFFLOAD_BENCH_LOGS_ROUNDS", self.logs_rounds as u64),
+            ("OFFLOAD_BENCH_STREAMS", self.streams as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1").into());
+            }
+        }
+        Ok(self)
+    }
+
+    fn runs(&self, section: Section) -> bool {
+        self.sections.contains(&section)
+    }
+
+    fn proxy_label(&self) -> String {
+        match &self.proxy {
+            ProxyKind::Offload(path) => format!("offload ({})", path.display()),
+            ProxyKind::Socat => "socat stand-in (NOT the offload proxy)".to_string(),
+        }
+    }
+}
+
+fn env_or<T: FromStr>(name: &str, default: T) -> Result<T>
+where
+    T::Err: Display,
+{
+    match std::env::var(name) {
+        Ok(text) => text.trim().parse().context(format!("{name}={text:?} is not valid")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn proxy_kind() -> Result<ProxyKind> {
+    let choice = std::env::var("OFFLOAD_BENCH_PROXY").unwrap_or_default();
+    Ok(match choice.as_str() {
+        "" | "offload" => ProxyKind::Offload(PathBuf::from(env!("CARGO_BIN_EXE_offload"))),
+        "socat" => ProxyKind::Socat,
+        // Any other value is a path to a binary with the same command line, for
+        // example a release build of another branch.
+        path => ProxyKind::Offload(PathBuf::from(path)),
+    })
+}
+
+/// Sections come from positional arguments (`cargo bench --bench proxy -- latency`)
+/// or `OFFLOAD_BENCH_ONLY=latency,bulk`; all of them when neither is given.
+fn sections(args: &[String]) -> Result<Vec<Section>> {
+    let from_env = std::env::var("OFFLOAD_BENCH_ONLY").unwrap_or_default();
+    let names: Vec<&str> = args
+        .iter()
+        .filter(|arg| !arg.starts_with('-'))
+        .map(String::as_str)
+        .chain(from_env.split(',').map(str::trim))
+        .filter(|name| !name.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Ok(Section::ALL.to_vec());
+    }
+    names.into_iter().map(Section::parse).collect()
+}
+
+// ---------------------------------------------------------------------------------
+// Entry point
+// ---------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not, and a test
+    // run must not spend minutes benchmarking.
+    if !args.iter().any(|arg| arg == "--bench") {
+        println!("proxy bench: skipped; run it with `cargo bench --bench proxy`");
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::from_env(&args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("proxy bench: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building a tokio runtime");
+
+    let mut report = Report::default();
+    let outcome = runtime.block_on(run_bounded(&config, &mut report));
+    report.print(&config);
+    match outcome {
+        Err(err) => {
+            eprintln!("\nproxy bench FAILED: {err}");
+            ExitCode::FAILURE
+        }
+        Ok(()) if config.strict && report.missed() > 0 => ExitCode::from(2),
+        Ok(()) => ExitCode::SUCCESS,
+    }
+}
+
+/// Runs the bench under the global time limit and Ctrl-C. Whichever ends it, the
+/// `run` future is dropped here, and with it every guard (proxy, containers, temp
+/// dir), so cleanup happens on every path, panics included.
+async fn run_bounded(config: &Config, report: &mut Report) -> Result<()> {
+    tokio::select! {
+        outcome = tokio::time::timeout(config.timeout, run(config, report)) => {
+            outcome.map_err(|_| format!(
+                "the run took longer than OFFLOAD_BENCH_TIMEOUT_S={}",
+                config.timeout.as_secs()
+            ))?
+        }
+        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+    }
+}
+
+async fn run(config: &Config, report: &mut Report) -> Result<()> {
+    report.note(format!("proxy under test: {}", config.proxy_label()));
+    report.note(format!("load average at the start: {}", load_average()));
+    // Each stream costs the bench two fds (direct and proxied) and the proxy at least
+    // two; raise the limit before the proxy is spawned so that it inherits it.
+    let fds = raise_nofile_limit(2 * config.streams as u64 + 256)?;
+    report.note(format!("RLIMIT_NOFILE (bench and proxy): {fds}"));
+
+    let engine = config.engine.clone();
+    describe_engine(&engine, report).await?;
+    ensure_image(&engine, &config.image).await?;
+    sweep_leftovers(&engine).await?;
+    sweep_temp_dirs();
+
+    // Declared before the proxy so that it is dropped after it: the socket lives here.
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let mut proxy = ProxyProcess::spawn(config, dir.path())?;
+    proxy.wait_ready().await?;
+    report.socket_mode(&proxy.socket)?;
+
+    let sockets = Sockets { direct: engine, offload: proxy.socket.clone() };
+    if let Err(err) = run_phases(config, &sockets, &proxy, report).await {
+        // A failed request is often the proxy having died: say so, with its log.
+        return Err(match proxy.exited()? {
+            Some(status) => {
+                format!("{err}\nthe proxy exited ({status}); its log:\n{}", proxy.log_tail()).into()
+            }
+            None => err,
+        });
+    }
+    report.offload_only("proxy RSS at the end (MiB)", mib(tree_rss_kib(proxy.pid())), "-", None);
+    report.offload_only(
+        "proxy peak RSS, VmHWM (MiB)",
+        mib(status_kib(proxy.pid(), "VmHWM").unwrap_or(0)),
+        "-",
+        None,
+    );
+    report.shutdown(proxy.stop(), &proxy.socket);
+    Ok(())
+}
+
+async fn run_phases(
+    config: &Config,
+    sockets: &Sockets,
+    proxy: &ProxyProcess,
+    report: &mut Report,
+) -> Result<()> {
+    idle_rss(sockets, proxy, report).await?;
+    // Memory first: after bulk the allocator holds freed pages that new streams would
+    // reuse, which would hide their cost.
+    if config.runs(Section::Memory) {
+        hijack_phase(config, sockets, proxy, report).await?;
+    }
+    if config.runs(Section::Latency) {
+        latency_phase(config, sockets, report).await?;
+    }
+    if config.runs(Section::Logs) {
+        logs_phase(config, sockets, proxy, report).await?;
+    }
+    if config.runs(Section::Bulk) {
+        bulk_phase(config, sockets, proxy, report).await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Variants
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Direct,
+    Offload,
+}
+
+impl Variant {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The order of the two variants in a round: alternated (A B, B A, ...) so that
+    /// neither always runs right after the other's warm caches.
+    fn order(round: usize) -> [Variant; 2] {
+        if round % 2 == 0 {
+            [Variant::Direct, Variant::Offload]
+        } else {
+            [Variant::Offload, Variant::Direct]
+        }
+    }
+}
+
+struct Sockets {
+    direct: PathBuf,
+    offload: PathBuf,
+}
+
+impl Sockets {
+    fn get(&self, variant: Variant) -> &Path {
+        match variant {
+            Variant::Direct => &self.direct,
+            Variant::Offload => &self.offload,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: idle RSS
+// ---------------------------------------------------------------------------------
+
+async fn idle_rss(sockets: &Sockets, proxy: &ProxyProcess, report: &mut Report) -> Result<()> {
+    // "Idle" means after it has served something, so that lazily built state
+    // (upstream connection, buffers) is counted.
+    let mut client = ApiClient::connect(&sockets.offload).await?;
+    for _ in 0..10 {
+        client.get("/_ping").await?;
+    }
+    client.get("/containers/json").await?;
+    drop(client);
+    tokio::time::sleep(SETTLE / 4).await;
+    let rss = tree_rss_kib(proxy.pid());
+    report.offload_only("proxy idle RSS (MiB)", mib(rss), "<= 10", Some(rss <= 10 * 1024));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: latency
+// ---------------------------------------------------------------------------------
+
+async fn latency_phase(config: &Config, sockets: &Sockets, report: &mut Report) -> Result<()> {
+    const PATHS: [&str; 2] = ["/_ping", "/containers/json"];
+    // One keep-alive connection per variant for the whole phase, as a client would.
+    let mut clients =
+        [ApiClient::connect(&sockets.direct).await?, ApiClient::connect(&sockets.offload).await?];
+    let mut p50 = [Paired::default(), Paired::default()];
+    let mut p99 = [Paired::default(), Paired::default()];
+    for round in 0..config.warmup_rounds + config.rounds {
+        let measured = round >= config.warmup_rounds;
+        let mut figures = [[Percentiles::default(); 2]; 2];
+        for variant in Variant::order(round) {
+            let client = &mut clients[variant.index()];
+            for (p, path) in PATHS.iter().enumerate() {
+                let samples = within(
+                    Duration::from_secs(120),
+                    format!("{} round {round}", path),
+                    client.time_gets(path, config.requests),
+                )
+                .await?;
+                figures[p][variant.index()] = Percentiles::of(samples);
+            }
+        }
+        if measured {
+            for p in 0..PATHS.len() {
+                let [direct, offload] = figures[p];
+                p50[p].push(direct.p50, offload.p50);
+                p99[p].push(direct.p99, offload.p99);
+                progress(
+                    &format!("latency round {round} {}", PATHS[p]),
+                    format!("p50 {} / {} µs", micros(direct.p50), micros(offload.p50)),
+                );
+            }
+        }
+    }
+    for (p, path) in PATHS.iter().enumerate() {
+        report.paired(&format!("GET {path} p50 (µs)"), &p50[p], micros, Target::AtMost(1.3));
+        report.paired(&format!("GET {path} p99 (µs)"), &p99[p], micros, Target::None);
+    }
+    report.note(format!(
+        "latency: {} sequential requests per path per variant per round, {} rounds (+{} warm-up)",
+        config.requests, config.rounds, config.warmup_rounds
+    ));
+    Ok(())
+}
+
+#[derive(Clone, Copy, Default)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of durations in nanoseconds.
+    fn of(mut samples: Vec<u64>) -> Percentiles {
+        samples.sort_unstable();
+        let rank = |q: f64| {
+            let index = ((q * samples.len() as f64).ceil() as usize).saturating_sub(1);
+            samples.get(index).copied().unwrap_or(0) as f64
+        };
+        Percentiles { p50: rank(0.50), p99: rank(0.99) }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: stream throughput (logs)
+// ---------------------------------------------------------------------------------
+
+async fn logs_phase(
+    config: &Config,
+    sockets: &Sockets,
+    proxy: &ProxyProcess,
+    report: &mut Report,
+) -> Result<()> {
+    let container = logs_container(config, &sockets.direct).await?;
+    let path = format!("/containers/{}/logs?follow=1&stdout=1", container.id);
+
+    // The warm-up round reads with both variants too; its direct byte count is the
+    // reference every later read (either variant) must match exactly.
+    let mut expected = None;
+    let mut rates = Paired::default();
+    let mut proxy_cpu = 0.0;
+    let mut proxied_bytes = 0u64;
+    for round in 0..1 + config.logs_rounds {
+        let mut rate = [0.0; 2];
+        for variant in Variant::order(round) {
+            let cpu_before = tree_cpu_secs(proxy.pid());
+            let (elapsed, bytes) =
+                within(Duration::from_secs(300), "reading logs", read_stream(sockets.get(variant), &path))
+                    .await?;
+            if variant == Variant::Offload && round > 0 {
+                proxy_cpu += tree_cpu_secs(proxy.pid()) - cpu_before;
+                proxied_bytes += bytes;
+            }
+            check_same_bytes(&mut expected, bytes, variant)?;
+            rate[variant.index()] = megabytes_per_sec(bytes, elapsed);
+        }
+        if round > 0 {
+            rates.push(rate[0], rate[1]);
+            progress(&format!("logs round {round}"), format!("{:.1} / {:.1} MB/s", rate[0], rate[1]));
+        }
+    }
+    report.paired("logs follow, stopped container (MB/s)", &rates, |v| format!("{v:.1}"), Target::None);
+    report.offload_only(
+        "proxy CPU during logs (CPU-s per GB)",
+        format!("{:.2}", proxy_cpu / (proxied_bytes as f64 / 1e9)),
+        "-",
+        None,
+    );
+    report.note(format!(
+        "logs: {} MB in {}-byte lines ({} bytes on the wire per read), {} rounds (+1 warm-up)",
+        config.logs_mb,
+        config.logs_line,
+        expected.unwrap_or(0),
+        config.logs_rounds
+    ));
+    Ok(())
+}
+
+/// A container that wrote its whole output and exited, so that `logs?follow=1`
+/// is a pure read that ends by itself.
+async fn logs_container(config: &Config, engine: &Path) -> Result<Container> {
+    let bytes = config.logs_mb * 1_000_000;
+    let script = format!("head -c {bytes} /dev/zero | tr '\\0' a | fold -w {}", config.logs_line);
+    // The engine's default log rotation (10 MB here) would throw most of it away;
+    // json-file stores roughly 1.6x the raw bytes for 100-byte lines.
+    let max_size = format!("{}m", config.logs_mb * 4 + 16);
+    let container = Container::create(
+        engine,
+        json!({
+            "Image": config.image,
+            "Cmd": ["sh", "-c", script],
+            "HostConfig": {"LogConfig": {
+                "Type": "json-file",
+                "Config": {"max-size": max_size, "max-file": "1"}
+            }},
+        }),
+    )
+    .await?;
+    container.start().await?;
+    let status = within(Duration::from_secs(300), "waiting for the log writer", container.wait()).await?;
+    if status != 0 {
+        return Err(format!("the log writer exited with status {status}").into());
+    }
+    Ok(container)
+}
+
+fn check_same_bytes(expected: &mut Option<u64>, bytes: u64, variant: Variant) -> Result<()> {
+    match *expected {
+        None if bytes == 0 => Err("logs returned no bytes".into()),
+        None => {
+            *expected = Some(bytes);
+            Ok(())
+        }
+        Some(want) if want != bytes => {
+            Err(format!("logs via {} returned {bytes} bytes, expected {want}", variant_name(variant)).into())
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Reads a streaming response to its end; returns the time from sending the request
+/// to the last byte, and the number of body bytes.
+async fn read_stream(socket: &Path, path: &str) -> Result<(Duration, u64)> {
+    let mut sender = open_connection::<Empty<Bytes>>(socket).await?;
+    let started = Instant::now();
+    let response = sender
+        .send_request(request(Method::GET, path, Empty::new())?)
+        .await
+        .context(format!("GET {path}"))?;
+    expect_status(&response, StatusCode::OK, path)?;
+    let mut body = response.into_body();
+    let mut bytes = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.context(format!("reading the body of {path}"))?.into_data() {
+            bytes += data.len() as u64;
+        }
+    }
+    Ok((started.elapsed(), bytes))
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: bulk upload
+// ---------------------------------------------------------------------------------
+
+async fn bulk_phase(
+    config: &Config,
+    sockets: &Sockets,
+    proxy: &ProxyProcess,
+    report: &mut Report,
+) -> Result<()> {
+    // Created, never started: the archive endpoint writes into its filesystem anyway.
+    let container =
+        Container::create(&sockets.direct, json!({"Image": config.image, "Cmd": ["true"]})).await?;
+    let warmup = config.bulk_warmup_mib << 20;
+    for variant in Variant::order(0) {
+        upload(sockets.get(variant), &container.id, warmup).await?;
+    }
+
+    let size = config.bulk_mib << 20;
+    let mut rates = Paired::default();
+    let mut proxy_cpu = 0.0;
+    let mut proxied_bytes = 0u64;
+    for round in 0..config.bulk_rounds {
+        let mut rate = [0.0; 2];
+        for variant in Variant::order(round) {
+            let cpu_before = tree_cpu_secs(proxy.pid());
+            let (elapsed, body_bytes) = upload(sockets.get(variant), &container.id, size).await?;
+            if variant == Variant::Offload {
+                proxy_cpu += tree_cpu_secs(proxy.pid()) - cpu_before;
+                proxied_bytes += body_bytes;
+            }
+            // Outside the timing: did the whole file arrive?
+            verify_upload(&sockets.direct, &container.id, size).await?;
+            rate[variant.index()] = megabytes_per_sec(body_bytes, elapsed);
+        }
+        rates.push(rate[0], rate[1]);
+        progress(&format!("bulk round {round}"), format!("{:.0} / {:.0} MB/s", rate[0], rate[1]));
+    }
+    report.paired("archive PUT upload, chunked (MB/s)", &rates, |v| format!("{v:.0}"), Target::AtLeast(0.9));
+    report.offload_only(
+        "proxy CPU during upload (CPU-s per GB)",
+        format!("{:.2}", proxy_cpu / (proxied_bytes as f64 / 1e9)),
+        "-",
+        None,
+    );
+    report.note(format!(
+        "bulk: {} MiB of random bytes in one tar entry per upload, {} rounds (+{} MiB warm-up)",
+        config.bulk_mib, config.bulk_rounds, config.bulk_warmup_mib
+    ));
+    Ok(())
+}
+
+/// Streams a tar holding one `size`-byte file of random bytes to the container's
+/// /tmp. Returns the time from sending the request to the complete response, and
+/// the number of body bytes sent.
+async fn upload(socket: &Path, id: &str, size: u64) -> Result<(Duration, u64)> {
+    let body = TarUpload::new(size);
+    let body_bytes = body.total_len();
+    let path = format!("/containers/{id}/archive?path=/tmp");
+    // No Content-Length and no size hint: hyper sends the body chunked, as the CLI does.
+    let mut request = request(Method::PUT, &path, body)?;
+    request.headers_mut().insert(CONTENT_TYPE, "application/x-tar".parse().expect("static header value"));
+    let limit = Duration::from_secs(120.max(size / 10_000_000));
+    let mut sender = open_connection::<TarUpload>(socket).await?;
+    let started = Instant::now();
+    let send = async {
+        let response = sender.send_request(request).await.context(format!("PUT {path}"))?;
+        expect_status(&response, StatusCode::OK, &path)?;
+        response.into_body().collect().await.context("reading the upload's answer")?;
+        Ok(())
+    };
+    within(limit, "uploading", send).await?;
+    Ok((started.elapsed(), body_bytes))
+}
+
+/// Checks with `HEAD .../archive` that the file in the container has the full size.
+async fn verify_upload(engine: &Path, id: &str, size: u64) -> Result<()> {
+    let path = format!("/containers/{id}/archive?path=/tmp/{BULK_FILE}");
+    let mut sender = open_connection::<Empty<Bytes>>(engine).await?;
+    let response = sender
+        .send_request(request(Method::HEAD, &path, Empty::new())?)
+        .await
+        .context(format!("HEAD {path}"))?;
+    expect_status(&response, StatusCode::OK, &path)?;
+    let stat = response
+        .headers()
+        .get("X-Docker-Container-Path-Stat")
+        .ok_or("HEAD archive: no X-Docker-Container-Path-Stat header")?;
+    let stat: Value =
+        serde_json::from_slice(&base64_decode(stat.as_bytes())?).context("HEAD archive: bad path stat")?;
+    match stat["size"].as_u64() {
+        Some(got) if got == size => Ok(()),
+        got => Err(format!("uploaded {size} bytes but the container has {got:?}").into()),
+    }
+}
+
+/// A chunked request body: a tar archive with one file of fresh pseudo-random bytes,
+/// generated chunk by chunk so that the payload is never held in memory whole and
+/// no layer could compress or deduplicate it.
+struct TarUpload {
+    header: Option<Bytes>,
+    remaining: u64,
+    trailer: Option<Bytes>,
+    rng: WyRand,
+    size: u64,
+}
+
+impl TarUpload {
+    fn new(size: u64) -> TarUpload {
+        let padding = (512 - (size % 512) as usize) % 512;
+        TarUpload {
+            header: Some(Bytes::copy_from_slice(&tar_header(BULK_FILE, size))),
+            remaining: size,
+            // Pad the file to a block, then the two zero blocks that end an archive.
+            trailer: Some(Bytes::from(vec![0u8; padding + 1024])),
+            rng: WyRand(size ^ 0x6f66_666c_6f61_6421),
+            size,
+        }
+    }
+
+    fn total_len(&self) -> u64 {
+        512 + self.size.div_ceil(512) * 512 + 1024
+    }
+}
+
+impl Body for TarUpload {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(header) = this.header.take() {
+            return Poll::Ready(Some(Ok(Frame::data(header))));
+        }
+        if this.remaining > 0 {
+            let len = this.remaining.min(UPLOAD_CHUNK as u64) as usize;
+            let mut chunk = vec![0u8; len];
+            this.rng.fill(&mut chunk);
+            this.remaining -= len as u64;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))));
+        }
+        Poll::Ready(this.trailer.take().map(|trailer| Ok(Frame::data(trailer))))
+    }
+}
+
+/// A ustar header for a regular file owned by root. Sizes of 8 GiB and more use the
+/// GNU base-256 size field, which the engine's tar reader understands.
+fn tar_header(name: &str, size: u64) -> [u8; 512] {
+    let mut header = [0u8; 512];
+    header[..name.len()].copy_from_slice(name.as_bytes());
+    header[100..108].copy_from_slice(b"0000644\0");
+    header[108..116].copy_from_slice(b"0000000\0");
+    header[116..124].copy_from_slice(b"0000000\0");
+    if size < 8 << 30 {
+        header[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    } else {
+        header[124] = 0x80;
+        header[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    header[136..148].copy_from_slice(b"00000000000\0");
+    header[156] = b'0';
+    header[257..263].copy_from_slice(b"ustar\0");
+    header[263..265].copy_from_slice(b"00");
+    // The checksum is computed with its own field set to spaces.
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    header
+}
+
+/// wyrand: a tiny, fast PRNG (about 1 ns per 8 bytes), so generating the payload
+/// costs the bench client little next to sending it.
+struct WyRand(u64);
+
+impl WyRand {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let product = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
+        ((product >> 64) as u64) ^ (product as u64)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let word = self.next().to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+
+    fn below(&mut self, bound: usize) -> usize {
+        (self.next() % bound as u64) as usize
+    }
+}
+
+fn base64_decode(text: &[u8]) -> Result<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'+' | b'-' => Some(62),
+            b'/' | b'_' => Some(63),
+            _ => None,
+        }
+    }
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in text.iter().filter(|&&c| c != b'=') {
+        acc = (acc << 6) | value(c).ok_or("invalid base64")?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: memory per idle hijacked stream
+// ---------------------------------------------------------------------------------
+
+async fn hijack_phase(
+    config: &Config,
+    sockets: &Sockets,
+    proxy: &ProxyProcess,
+    report: &mut Report,
+) -> Result<()> {
+    // `cat` with an open stdin never exits by itself and echoes what a stream sends.
+    let container = Container::create(
+        &sockets.direct,
+        json!({"Image": config.image, "Cmd": ["cat"], "OpenStdin": true, "StdinOnce": false}),
+    )
+    .await?;
+    container.start().await?;
+
+    tokio::time::sleep(SETTLE).await;
+    let (rss_before, fds_before) = (tree_rss_kib(proxy.pid()), tree_fds(proxy.pid()));
+
+    // Direct streams are opened too, interleaved, only to compare setup times; they
+    // touch the engine, not the proxy, so they do not disturb its RSS.
+    let mut streams: [Vec<UnixStream>; 2] = [Vec::new(), Vec::new()];
+    let mut setup: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..config.streams {
+        for variant in Variant::order(i) {
+            let started = Instant::now();
+            let stream = within(
+                Duration::from_secs(10),
+                format!("attach #{i} via {}", variant_name(variant)),
+                open_attach(sockets.get(variant), &container.id),
+            )
+            .await?;
+            setup[variant.index()].push(started.elapsed().as_nanos() as u64);
+            streams[variant.index()].push(stream);
+        }
+    }
+
+    tokio::time::sleep(SETTLE).await;
+    let (rss_with, fds_with) = (tree_rss_kib(proxy.pid()), tree_fds(proxy.pid()));
+    // After the RSS reading: the echo wakes every stream (cat's output goes to all).
+    let proxied = streams[Variant::Offload.index()].first_mut().ok_or("no proxied stream was opened")?;
+    within(Duration::from_secs(10), "echo through a proxied attach", echo(proxied)).await?;
+
+    drop(streams);
+    let fds_after = wait_for_fds(proxy.pid(), fds_before, Duration::from_secs(10)).await;
+    let rss_after = tree_rss_kib(proxy.pid());
+
+    let per_stream = (rss_with as f64 - rss_before as f64) / config.streams as f64;
+    report.offload_only(
+        &format!("proxy RSS per idle attach stream, n={} (KiB)", config.streams),
+        format!("{per_stream:.1}"),
+        "<= 16",
+        Some(per_stream <= 16.0),
+    );
+    report.offload_only(
+        "proxy RSS before / with streams / after close (MiB)",
+        format!("{} / {} / {}", mib(rss_before), mib(rss_with), mib(rss_after)),
+        "-",
+        None,
+    );
+    report.offload_only(
+        "proxy open fds before / with streams / after close",
+        format!("{fds_before} / {fds_with} / {fds_after}"),
+        "after = before",
+        Some(fds_after <= fds_before),
+    );
+    let [direct, offload] = setup.map(Percentiles::of);
+    report.row(Row {
+        metric: "attach setup to 101, p50 (µs)".to_string(),
+        direct: micros(direct.p50),
+        offload: micros(offload.p50),
+        ratio: format!("{:.2}", offload.p50 / direct.p50),
+        target: "-".to_string(),
+        ok: None,
+    });
+    Ok(())
+}
+
+/// Opens `POST /attach` with an upgrade and returns the hijacked connection.
+async fn open_attach(socket: &Path, id: &str) -> Result<UnixStream> {
+    let mut stream =
+        UnixStream::connect(socket).await.context(format!("connecting to {}", socket.display()))?;
+    let request = format!(
+        "POST /containers/{id}/attach?stream=1&stdin=1&stdout=1 HTTP/1.1\r\n\
+         Host: {API_HOST}\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.context("sending attach")?;
+    let head = read_head(&mut stream).await?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 101") {
+        return Err(format!("attach answered {status:?}, expected 101").into());
+    }
+    Ok(stream)
+}
+
+/// Reads a response head. It may read past the blank line, which is harmless here:
+/// an idle `cat` sends nothing until a stream writes to it.
+async fn read_head(stream: &mut UnixStream) -> Result<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.context("reading the attach answer")?;
+        if n == 0 || head.len() > 16 * 1024 {
+            return Err("attach: connection closed before a complete response head".into());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Writes a line into the container's stdin and waits for `cat` to echo it back.
+async fn echo(stream: &mut UnixStream) -> Result<()> {
+    const TOKEN: &[u8] = b"offload-bench-echo";
+    stream.write_all(b"offload-bench-echo\n").await.context("writing to attach")?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(TOKEN.len()).any(|w| w == TOKEN) {
+        let n = stream.read(&mut buf).await.context("reading attach output")?;
+        if n == 0 {
+            return Err("attach closed before the echo arrived".into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
+}
+
+/// Waits until the proxy has closed the fds of the streams the bench closed; returns
+/// the count it ended with (so a leak shows as a higher number, not a hang).
+async fn wait_for_fds(pid: u32, target: usize, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        let fds = tree_fds(pid);
+        if fds <= target || Instant::now() >= deadline {
+            return fds;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// A minimal Engine API client
+// ---------------------------------------------------------------------------------
+
+/// Opens one HTTP/1.1 connection on a unix socket; the connection task ends when the
+/// sender and the last response body are dropped.
+async fn open_connection<B>(socket: &Path) -> Result<SendRequest<B>>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = UnixStream::connect(socket).await.context(format!("connecting to {}", socket.display()))?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.context("HTTP/1.1 handshake")?;
+    // Connection errors also fail the pending request, where they are reported.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+fn request<B>(method: Method, path: &str, body: B) -> Result<Request<B>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, API_HOST)
+        .body(body)
+        .context(format!("building a request for {path}"))
+}
+
+fn expect_status(response: &Response<Incoming>, want: StatusCode, what: &str) -> Result<()> {
+    if response.status() == want {
+        Ok(())
+    } else {
+        Err(format!("{what}: answered {}, expected {want}", response.status()).into())
+    }
+}
+
+/// A keep-alive client for sequential GETs (the latency measurements).
+struct ApiClient {
+    sender: SendRequest<Empty<Bytes>>,
+}
+
+impl ApiClient {
+    async fn connect(socket: &Path) -> Result<ApiClient> {
+        Ok(ApiClient { sender: open_connection(socket).await? })
+    }
+
+    async fn get(&mut self, path: &str) -> Result<Bytes> {
+        self.sender.ready().await.context("connection closed")?;
+        let response = self
+            .sender
+            .send_request(request(Method::GET, path, Empty::new())?)
+            .await
+            .context(format!("GET {path}"))?;
+        expect_status(&response, StatusCode::OK, path)?;
+        let body = response.into_body().collect().await.context(format!("body of {path}"))?;
+        Ok(body.to_bytes())
+    }
+
+    /// Times `count` sequential GETs, request sent to body read; nanoseconds.
+    async fn time_gets(&mut self, path: &str, count: usize) -> Result<Vec<u64>> {
+        let mut samples = Vec::with_capacity(count);
+        for _ in 0..count {
+            let started = Instant::now();
+            self.get(path).await?;
+            samples.push(started.elapsed().as_nanos() as u64);
+        }
+        Ok(samples)
+    }
+}
+
+/// One call with an optional JSON body; returns the status and the parsed answer
+/// (`Value::Null` when the body is empty).
+async fn api_json(
+    engine: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(StatusCode, Value)> {
+    let mut sender = open_connection::<Full<Bytes>>(engine).await?;
+    let payload = body.map(|value| value.to_string()).unwrap_or_default();
+    let mut request = request(method.clone(), path, Full::new(Bytes::from(payload)))?;
+    request.headers_mut().insert(CONTENT_TYPE, "application/json".parse().expect("static header value"));
+    let response = sender.send_request(request).await.context(format!("{method} {path}"))?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await.context(format!("body of {path}"))?.to_bytes();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Ok((status, value))
+}
+
+/// Like `api_json`, but any status other than `want` is an error carrying the
+/// engine's message.
+async fn api_expect(
+    engine: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    want: StatusCode,
+) -> Result<Value> {
+    let (status, value) = api_json(engine, method.clone(), path, body).await?;
+    if status == want {
+        Ok(value)
+    } else {
+        Err(format!("{method} {path}: {status}: {}", value["message"].as_str().unwrap_or(&value.to_string()))
+            .into())
+    }
+}
+
+async fn describe_engine(engine: &Path, report: &mut Report) -> Result<()> {
+    let version = api_expect(engine, Method::GET, "/version", None, StatusCode::OK)
+        .await
+        .map_err(|err| format!("is the engine running at {}? {err}", engine.display()))?;
+    report.note(format!(
+        "engine: Docker {} (API {}) at {}",
+        version["Version"].as_str().unwrap_or("?"),
+        version["ApiVersion"].as_str().unwrap_or("?"),
+        engine.display()
+    ));
+    Ok(())
+}
+
+/// Builds the test image with the project's fixture script if it is the default one
+/// and missing; any other image must exist.
+async fn ensure_image(engine: &Path, image: &str) -> Result<()> {
+    let (status, _) = api_json(engine, Method::GET, &format!("/images/{image}/json"), None).await?;
+    if status == StatusCode::OK {
+        return Ok(());
+    }
+    if image != DEFAULT_IMAGE {
+        return Err(format!("image {image} not found on the engine").into());
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/build-images.sh");
+    let status = Command::new(script)
+        .env("OFFLOAD_TEST_ENGINE", format!("unix://{}", engine.display()))
+        .status()
+        .context(format!("running {script}"))?;
+    if !status.success() {
+        return Err(format!("{script} failed with {status}").into());
+    }
+    Ok(())
+}
+
+/// Removes containers left by bench runs that were killed before their guards ran
+/// (SIGKILL). Containers of a bench that is still running are left alone.
+async fn sweep_leftovers(engine: &Path) -> Result<()> {
+    let path = format!("/containers/json?all=1&filters=%7B%22label%22%3A%5B%22{LABEL}%22%5D%7D");
+    let list = api_expect(engine, Method::GET, &path, None, StatusCode::OK).await?;
+    for container in list.as_array().into_iter().flatten() {
+        let owner = container["Labels"][LABEL].as_str().unwrap_or_default();
+        if let (false, Some(id)) = (is_running(owner), container["Id"].as_str()) {
+            println!("removing container {id} left by an earlier bench run (pid {owner})");
+            remove_container_blocking(engine, id)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes temporary directories (socket, proxy log) of killed bench runs.
+fn sweep_temp_dirs() {
+    let entries = std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten();
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
+            continue;
+        };
+        let owner = rest.split('-').next().unwrap_or_default();
+        if !is_running(owner) {
+            // Best effort: a directory we cannot remove is only litter.
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether `pid` (as text, from a label or a directory name) is a live process.
+fn is_running(pid: &str) -> bool {
+    pid.parse::<u32>().is_ok() && Path::new("/proc").join(pid).exists()
+}
+
+// ---------------------------------------------------------------------------------
+// Guards: containers and the proxy process
+// ---------------------------------------------------------------------------------
+
+/// A container the bench created; removed (forced, with its anonymous volumes) on
+/// drop, whatever ended the bench.
+struct Container {
+    engine: PathBuf,
+    id: String,
+}
+
+impl Container {
+    async fn create(engine: &Path, mut spec: Value) -> Result<Container> {
+        spec["Labels"] = json!({ LABEL: std::process::id().to_string() });
+        let created =
+            api_expect(engine, Method::POST, "/containers/create", Some(spec), StatusCode::CREATED).await?;
+        let id = created["Id"].as_str().ok_or("container create: no Id in the answer")?;
+        Ok(Container { engine: engine.to_path_buf(), id: id.to_string() })
+    }
+
+    async fn start(&self) -> Result<()> {
+        let path = format!("/containers/{}/start", self.id);
+        api_expect(&self.engine, Method::POST, &path, None, StatusCode::NO_CONTENT).await?;
+        Ok(())
+    }
+
+    /// Waits for the container to exit; returns its exit status.
+    async fn wait(&self) -> Result<i64> {
+        let path = format!("/containers/{}/wait", self.id);
+        let answer = api_expect(&self.engine, Method::POST, &path, None, StatusCode::OK).await?;
+        answer["StatusCode"].as_i64().ok_or_else(|| "wait: no StatusCode in the answer".into())
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if let Err(err) = remove_container_blocking(&self.engine, &self.id) {
+            eprintln!(
+                "warning: could not remove container {}: {err}; run `docker rm -f {}`",
+                self.id, self.id
+            );
+        }
+    }
+}
+
+/// `DELETE /containers/{id}?force=1&v=1` with blocking std I/O, so that it works in
+/// `Drop`, during a panic, and outside any runtime.
+fn remove_container_blocking(engine: &Path, id: &str) -> Result<()> {
+    let mut stream = std::os::unix::net::UnixStream::connect(engine).context("connecting to the engine")?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).context("setting a timeout")?;
+    let request = format!(
+        "DELETE /containers/{id}?force=1&v=1 HTTP/1.1\r\n\
+         Host: {API_HOST}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).context("sending DELETE")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).context("reading the DELETE answer")?;
+    let status = answer.lines().next().unwrap_or_default();
+    // 404: already gone, which is what we wanted.
+    if status.contains(" 204 ") || status.contains(" 404 ") {
+        Ok(())
+    } else {
+        Err(format!("DELETE answered {status:?}").into())
+    }
+}
+
+/// The proxy (or its stand-in) as a child process; stopped with SIGTERM on drop.
+struct ProxyProcess {
+    child: Option<Child>,
+    pid: u32,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl ProxyProcess {
+    fn spawn(config: &Config, dir: &Path) -> Result<ProxyProcess> {
+        let socket = dir.join("offload.sock");
+        let log = dir.join("proxy.log");
+        let mut command = match &config.proxy {
+            ProxyKind::Offload(binary) => {
+                let mut command = Command::new(binary);
+                command
+                    .arg("proxy")
+                    .arg("--listen")
+                    .arg(format!("unix://{}", socket.display()))
+                    .arg("--docker")
+                    .arg(format!("unix://{}", config.engine.display()));
+                command
+            }
+            ProxyKind::Socat => {
+                let mut command = Command::new("socat");
+                command
+                    .arg(format!("UNIX-LISTEN:{},fork,mode=600", socket.display()))
+                    .arg(format!("UNIX-CONNECT:{}", config.engine.display()));
+                command
+            }
+        };
+        let output = std::fs::File::create(&log).context("creating the proxy log")?;
+        let errors = output.try_clone().context("sharing the proxy log")?;
+        // If the bench is killed outright (SIGKILL, no guards run), the kernel still
+        // sends the proxy SIGTERM, so it never outlives the bench.
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // prctl(2), which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(output)
+            .stderr(errors)
+            .spawn()
+            .context(format!("starting {}", config.proxy_label()))?;
+        Ok(ProxyProcess { pid: child.id(), child: Some(child), socket, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits until the proxy answers `GET /_ping` on its socket.
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + PROXY_START_TIMEOUT;
+        loop {
+            if let Some(status) = self.exited()? {
+                return Err(format!(
+                    "the proxy exited ({status}) before it was ready; its log:\n{}",
+                    self.log_tail()
+                )
+                .into());
+            }
+            if self.socket.exists() {
+                if let Ok(mut client) = ApiClient::connect(&self.socket).await {
+                    if client.get("/_ping").await.is_ok() {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the proxy did not answer /_ping within {PROXY_START_TIMEOUT:?}; its log:\n{}",
+                    self.log_tail()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().context("checking the proxy process"),
+            None => Ok(None),
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; SIGKILL if it does not come in time.
+    /// Returns how long the proxy took to exit and its status.
+    fn stop(&mut self) -> Result<(Duration, ExitStatus)> {
+        let mut child = self.child.take().ok_or("the proxy was already stopped")?;
+        let started = Instant::now();
+        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not yet reaped
+        // (we hold its `Child`), so it cannot name an unrelated process.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        while started.elapsed() < PROXY_STOP_TIMEOUT {
+            if let Some(status) = child.try_wait().context("waiting for the proxy")? {
+                return Ok((started.elapsed(), status));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(format!("the proxy did not exit within {PROXY_STOP_TIMEOUT:?} of SIGTERM; killed it").into())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Err(err) = self.stop() {
+                eprintln!("warning: {err}");
+            }
+        }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to `wanted` (up to the hard limit); returns the
+/// limit in force, or an error if it is still too low for the streams asked for.
+fn raise_nofile_limit(wanted: u64) -> Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct we pass, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(format!("getrlimit: {}", std::io::Error::last_os_error()).into());
+    }
+    if limit.rlim_cur < wanted {
+        limit.rlim_cur = wanted.min(limit.rlim_max);
+        // SAFETY: setrlimit only reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(format!("setrlimit: {}", std::io::Error::last_os_error()).into());
+        }
+    }
+    if limit.rlim_cur < wanted {
+        return Err(format!(
+            "RLIMIT_NOFILE hard limit {} is below the {wanted} fds needed; \
+             lower OFFLOAD_BENCH_STREAMS",
+            limit.rlim_max
+        )
+        .into());
+    }
+    Ok(limit.rlim_cur)
+}
+
+// ---------------------------------------------------------------------------------
+// /proc readings of the proxy (summed over its process tree, so that a forking
+// stand-in such as socat is measured fairly too)
+// ---------------------------------------------------------------------------------
+
+/// `pid` and all its descendants.
+fn process_tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, stat_fields(pid)?.get(1)?.parse().ok()?)))
+        .collect();
+    let mut tree = vec![root];
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next];
+        tree.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+        next += 1;
+    }
+    tree
+}
+
+/// The fields of /proc/PID/stat after the command name (field 3, `state`, first).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with(&format!("{key}:")))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn tree_rss_kib(root: u32) -> u64 {
+    process_tree(root).into_iter().filter_map(|pid| status_kib(pid, "VmRSS")).sum()
+}
+
+fn tree_fds(root: u32) -> usize {
+    process_tree(root)
+        .into_iter()
+        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+        .map(Iterator::count)
+        .sum()
+}
+
+/// User + system CPU seconds of the tree, including children it already reaped.
+fn tree_cpu_secs(root: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_sec = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        ticks if ticks > 0 => ticks as f64,
+        _ => 100.0,
+    };
+    let ticks: u64 = process_tree(root)
+        .into_iter()
+        .filter_map(stat_fields)
+        // utime, stime, cutime, cstime are fields 14-17, that is 11-14 here.
+        .map(|fields| {
+            fields.get(11..15).unwrap_or_default().iter().filter_map(|f| f.parse::<u64>().ok()).sum::<u64>()
+        })
+        .sum();
+    ticks as f64 / ticks_per_sec
+}
+
+// ---------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------
+
+/// One figure per variant per measured round.
+#[derive(Default)]
+struct Paired {
+    rounds: Vec<[f64; 2]>,
+}
+
+impl Paired {
+    fn push(&mut self, direct: f64, offload: f64) {
+        self.rounds.push([direct, offload]);
+    }
+
+    fn median(&self, variant: Variant) -> f64 {
+        median(self.rounds.iter().map(|round| round[variant.index()]).collect())
+    }
+
+    /// Median of the per-round ratios offload/direct with a bootstrap 95 % interval:
+    /// pairing by round cancels drift that hits both variants of a round alike.
+    fn ratio(&self) -> (f64, f64, f64) {
+        let ratios: Vec<f64> = self.rounds.iter().map(|[direct, offload]| offload / direct).collect();
+        let (low, high) = bootstrap_interval(&ratios);
+        (median(ratios), low, high)
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// 2.5th and 97.5th percentiles of the median over 2000 resamples (fixed seed, so
+/// the same rounds always give the same interval).
+fn bootstrap_interval(values: &[f64]) -> (f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut rng = WyRand(0x0ff1_0ad0);
+    let mut medians: Vec<f64> = (0..2000)
+        .map(|_| median((0..values.len()).map(|_| values[rng.below(values.len())]).collect()))
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    (medians[50], medians[1949])
+}
+
+/// Prints one round's figures (direct / offload) as it ends, so that noise is visible.
+fn progress(what: &str, direct_slash_offload: String) {
+    println!("    {what}: direct / offload = {direct_slash_offload}");
+}
+
+fn megabytes_per_sec(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / 1e6 / elapsed.as_secs_f64()
+}
+
+fn micros(nanos: f64) -> String {
+    format!("{:.1}", nanos / 1000.0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn variant_name(variant: Variant) -> &'static str {
+    match variant {
+        Variant::Direct => "direct",
+        Variant::Offload => "offload",
+    }
+}
+
+/// Bounds a step in time, so that a hung proxy fails the bench instead of stalling it.
+async fn within<T>(limit: Duration, what: impl Display, step: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(limit, step).await.map_err(|_| format!("{what}: no answer within {limit:?}"))?
+}
+
+// ---------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------
+
+enum Target {
+    None,
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+struct Row {
+    metric: String,
+    direct: String,
+    offload: String,
+    ratio: String,
+    target: String,
+    ok: Option<bool>,
+}
+
+#[derive(Default)]
+struct Report {
+    notes: Vec<String>,
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn note(&mut self, note: String) {
+        println!("{note}");
+        self.notes.push(note);
+    }
+
+    /// Rows are printed as they come, so a long run shows progress, and again as a
+    /// table at the end.
+    fn row(&mut self, row: Row) {
+        println!("  {}: direct {}, offload {}, ratio {}", row.metric, row.direct, row.offload, row.ratio);
+        self.rows.push(row);
+    }
+
+    fn paired(&mut self, metric: &str, figures: &Paired, format: impl Fn(f64) -> String, target: Target) {
+        let (ratio, low, high) = figures.ratio();
+        let (target, ok) = match target {
+            Target::None => ("-".to_string(), None),
+            Target::AtMost(limit) => (format!("<= {limit:.2}"), Some(ratio <= limit)),
+            Target::AtLeast(limit) => (format!(">= {limit:.2}"), Some(ratio >= limit)),
+        };
+        self.row(Row {
+            metric: metric.to_string(),
+            direct: format(figures.median(Variant::Direct)),
+            offload: format(figures.median(Variant::Offload)),
+            ratio: format!("{ratio:.2} [{low:.2}, {high:.2}]"),
+            target,
+            ok,
+        });
+    }
+
+    fn offload_only(&mut self, metric: &str, value: String, target: &str, ok: Option<bool>) {
+        self.row(Row {
+            metric: metric.to_string(),
+            direct: "-".to_string(),
+            offload: value,
+            ratio: "-".to_string(),
+            target: target.to_string(),
+            ok,
+        });
+    }
+
+    fn socket_mode(&mut self, socket: &Path) -> Result<()> {
+        let mode = std::fs::metadata(socket).context("proxy socket")?.permissions().mode() & 0o777;
+        self.offload_only("proxy socket mode", format!("{mode:04o}"), "0600", Some(mode == 0o600));
+        Ok(())
+    }
+
+    fn shutdown(&mut self, outcome: Result<(Duration, ExitStatus)>, socket: &Path) {
+        let removed = if socket.exists() { "socket left behind" } else { "socket removed" };
+        let (value, ok) = match outcome {
+            Ok((took, status)) => (format!("{status} after {} ms, {removed}", took.as_millis()), true),
+            Err(err) => (err.to_string(), false),
+        };
+        self.offload_only("proxy stop on SIGTERM", value, "exits", Some(ok));
+    }
+
+    fn missed(&self) -> usize {
+        self.rows.iter().filter(|row| row.ok == Some(false)).count()
+    }
+
+    fn print(&self, config: &Config) {
+        let header = ["metric", "direct", "offload", "ratio [95% CI]", "target", "ok?"];
+        let cells: Vec<[String; 6]> = self
+            .rows
+            .iter()
+            .map(|row| {
+                let ok = match row.ok {
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                    None => "",
+                };
+                [
+                    row.metric.clone(),
+                    row.direct.clone(),
+                    row.offload.clone(),
+                    row.ratio.clone(),
+                    row.target.clone(),
+                    ok.to_string(),
+                ]
+            })
+            .collect();
+        let mut widths = header.map(|h| h.chars().count());
+        for row in &cells {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        println!("\n== offload proxy bench: {} ==", config.proxy_label());
+        for note in &self.notes {
+            println!("  {note}");
+        }
+        println!("  load average at the end: {}", load_average());
+        println!();
+        print_line(&header.map(str::to_string), &widths);
+        println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-"));
+        for row in &cells {
+            print_line(row, &widths);
+        }
+        let checked = self.rows.iter().filter(|row| row.ok.is_some()).count();
+        println!("\nsummary: {} of {checked} targets met", checked - self.missed());
+        for row in self.rows.iter().filter(|row| row.ok == Some(false)) {
+            println!(
+                "  missed: {} (offload {}, ratio {}, target {})",
+                row.metric, row.offload, row.ratio, row.target
+            );
+        }
+        println!(
+            "ratios are offload/direct: the median of per-round ratios, \
+             with a bootstrap 95% interval"
+        );
+    }
+}
+
+fn print_line(cells: &[String; 6], widths: &[usize; 6]) {
+    let padded: Vec<String> =
+        cells.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}", width = *width)).collect();
+    println!("{}", padded.join(" | ").trim_end());
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".to_string())
+}

@@ -1,0 +1,66 @@
+//! The wire contract of the link, version 1 (see ARCHITECTURE.md).
+//!
+//! - `POST /_offload/v1/session` first: the agent answers with [`SessionInfo`].
+//! - Any other path not under `/_offload/` is a Docker API request, forwarded
+//!   verbatim (hop-by-hop headers removed), bodies streamed both ways.
+//! - An upgrade (attach, exec start, `/session`, `/grpc`) is an ordinary
+//!   request carrying [`UPGRADE`]. Its request body is the original HTTP body
+//!   ([`BODY_LENGTH`] bytes) followed by the client→engine bytes; the response
+//!   carries [`STATUS`] = 101 and the engine's headers, and its body is the
+//!   engine→client bytes. END_STREAM is a half-close, RST_STREAM an abort.
+//! - [`CLOSE_DELIMITED`] marks a response the engine sent close-delimited.
+//! - [`BACKGROUND`] marks streams the proxy opens for itself (not activity).
+
+use serde::{Deserialize, Serialize};
+
+pub const SESSION_PATH: &str = "/_offload/v1/session";
+pub const PREFIX: &str = "/_offload/";
+
+/// The client's `Upgrade` value (`tcp`, `h2c`), on an upgraded request.
+pub const UPGRADE: &str = "x-offload-upgrade";
+/// How many leading request-body bytes are the HTTP body (the rest is the stream).
+pub const BODY_LENGTH: &str = "x-offload-body-length";
+/// The engine's real status on an upgraded response (101, or 200 for a hijack).
+pub const STATUS: &str = "x-offload-status";
+/// Present when the engine's response body ran until the connection closed.
+pub const CLOSE_DELIMITED: &str = "x-offload-close-delimited";
+/// Present on streams the proxy opens for itself.
+pub const BACKGROUND: &str = "x-offload-background";
+
+/// The largest upgrade request body the proxy reads before sending (exec
+/// start bodies are a few dozen bytes).
+pub const MAX_UPGRADE_BODY: usize = 1 << 20;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionRequest {
+    /// Present when resuming a session after a reconnect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub resume_token: String,
+    pub resumed: bool,
+    pub agent_version: String,
+    pub engine: EngineFacts,
+    /// The engine's `/_ping` answer, so the proxy can answer pings itself.
+    pub ping: PingFacts,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EngineFacts {
+    pub version: String,
+    pub api_version: String,
+    pub min_api_version: String,
+    pub os: String,
+    pub arch: String,
+}
+
+/// The headers of the engine's `GET /_ping` response, in order, and its body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PingFacts {
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}

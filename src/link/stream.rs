@@ -1,0 +1,162 @@
+//! Byte streams carried on HTTP/2 bodies: a body read as `AsyncRead`, and an
+//! `AsyncWrite` that feeds a body. Shutting the writer down ends the body
+//! (END_STREAM): that is how a half-close crosses the link.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body as HttpBody, Frame};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_util::sync::PollSender;
+
+use crate::body::BoxError;
+
+/// Frames in flight between a writer and its body; HTTP/2 flow control does
+/// the real pacing, this only bounds what sits in memory.
+const CHANNEL_FRAMES: usize = 4;
+
+/// Reads the data frames of a body as a byte stream; the body's end is EOF.
+pub struct BodyReader<B> {
+    body: B,
+    pending: Bytes,
+}
+
+impl<B> BodyReader<B> {
+    pub fn new(body: B) -> Self {
+        Self { body, pending: Bytes::new() }
+    }
+
+    /// Starts with bytes already taken from the body.
+    pub fn with_prefix(body: B, pending: Bytes) -> Self {
+        Self { body, pending }
+    }
+}
+
+impl<B> AsyncRead for BodyReader<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Err(error)) => return Poll::Ready(Err(io::Error::other(error.into()))),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.pending = data;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A body fed by a [`BodyWriter`].
+pub struct ChannelBody {
+    frames: mpsc::Receiver<Bytes>,
+}
+
+impl HttpBody for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.frames.poll_recv(cx).map(|frame| frame.map(|data| Ok(Frame::data(data))))
+    }
+}
+
+/// Writes into a [`ChannelBody`]; shutdown ends the body.
+pub struct BodyWriter {
+    frames: PollSender<Bytes>,
+}
+
+/// A connected writer and body.
+pub fn channel() -> (BodyWriter, ChannelBody) {
+    let (sender, receiver) = mpsc::channel(CHANNEL_FRAMES);
+    (BodyWriter { frames: PollSender::new(sender) }, ChannelBody { frames: receiver })
+}
+
+impl BodyWriter {
+    fn closed() -> io::Error {
+        io::Error::new(io::ErrorKind::BrokenPipe, "the stream's reader has gone")
+    }
+}
+
+impl AsyncWrite for BodyWriter {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(self.frames.poll_reserve(cx)).map_err(|_| Self::closed())?;
+        self.frames.send_item(Bytes::copy_from_slice(buf)).map_err(|_| Self::closed())?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.frames.close();
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn writer_feeds_reader_and_shutdown_is_end_of_stream() {
+        let (mut writer, body) = channel();
+        let mut reader = BodyReader::with_prefix(body, Bytes::from_static(b"prefix:"));
+        let producer = tokio::spawn(async move {
+            for i in 0..100 {
+                writer.write_all(format!("{i},").as_bytes()).await.unwrap();
+            }
+            writer.shutdown().await.unwrap();
+        });
+        let mut text = String::new();
+        reader.read_to_string(&mut text).await.unwrap();
+        producer.await.unwrap();
+        let expected: String = (0..100).map(|i| format!("{i},")).collect();
+        assert_eq!(text, format!("prefix:{expected}"));
+    }
+
+    #[tokio::test]
+    async fn writing_after_the_body_is_dropped_fails() {
+        let (mut writer, body) = channel();
+        drop(body);
+        assert!(writer.write_all(b"x").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn channel_body_collects() {
+        let (mut writer, body) = channel();
+        tokio::spawn(async move {
+            writer.write_all(b"abc").await.unwrap();
+            writer.shutdown().await.unwrap();
+        });
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"abc");
+    }
+}

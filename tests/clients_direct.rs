@@ -1,0 +1,10 @@
+//! Every client scenario (docker CLI 28 and 20.10, BuildKit, docker-py,
+//! compose 1.29, bollard) through the proxy in front of the local engine.
+
+mod support;
+
+fn start_proxy() -> support::Proxy {
+    support::Proxy::start_via(support::Via::Direct)
+}
+
+include!("scenarios/clients.rs");
