@@ -332,7 +332,9 @@ fn create_dir(dir: &Path) -> Result<(), CertsError> {
 ///   when the old key file was world-readable, and a symlink in its place is
 ///   replaced rather than followed.
 ///
-/// If anything fails, the files created so far are removed again.
+/// If writing fails, the files created so far are removed again, so the old
+/// set (or none) stays. Only a rename failing part-way, which in one
+/// directory takes an I/O error, could leave old and new files mixed.
 fn write_files(dir: &Path, files: &[PemFile], force: bool) -> Result<CertsWritten, CertsError> {
     let mut created = Created::default();
     let mut renames = Vec::new();

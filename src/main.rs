@@ -102,6 +102,9 @@ struct ProxyArgs {
     /// An argument for ssh, before the host (repeatable), e.g. --ssh-arg=-F --ssh-arg=FILE
     #[arg(long = "ssh-arg", allow_hyphen_values = true)]
     ssh_args: Vec<String>,
+    /// Interval of the link's keepalive pings; a link silent for two is dead
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    keepalive: Duration,
     /// The command ssh runs on the remote host
     #[arg(long, default_value = "offload agent --stdio")]
     remote_command: String,
@@ -168,7 +171,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
             check_plain(&remote, args.insecure)?;
             let ssh = SshOptions { args: args.ssh_args, remote_command: args.remote_command };
             let dialer = Dialer::new(remote, &tls, ssh).map_err(|e| e.to_string())?;
-            Arc::new(LinkUpstream::new(dialer))
+            Arc::new(LinkUpstream::new(dialer, args.keepalive))
         }
         None => Arc::new(EngineUpstream::new(args.docker, &tls).map_err(|e| e.to_string())?),
     };

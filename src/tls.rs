@@ -106,6 +106,11 @@ pub fn explain_failure(error: &(dyn std::error::Error + 'static)) -> Option<Stri
         if let Some(tls) = tls {
             return Some(describe(tls));
         }
+        // HTTP/2 keeps only the text of an I/O error (h2 rebuilds it from a
+        // string), so a TLS alert that ended the link is known by its words.
+        if let Some((_, alert)) = e.to_string().split_once("received fatal alert: ") {
+            return Some(refused(alert.trim()));
+        }
         current = e.source();
     }
     None
@@ -113,16 +118,20 @@ pub fn explain_failure(error: &(dyn std::error::Error + 'static)) -> Option<Stri
 
 fn describe(error: &rustls::Error) -> String {
     match error {
-        rustls::Error::AlertReceived(alert) => format!(
-            "the remote refused the TLS handshake ({alert:?}): it does not accept our client \
-             certificate; check --tlscert/--tlskey and the CA the remote trusts"
-        ),
+        rustls::Error::AlertReceived(alert) => refused(&format!("{alert:?}")),
         rustls::Error::InvalidCertificate(reason) => format!(
             "the remote's certificate is not trusted ({reason:?}): it must be signed by the CA \
              in --tlscacert and name the host you connect to"
         ),
         other => format!("TLS failed: {other}"),
     }
+}
+
+fn refused(alert: &str) -> String {
+    format!(
+        "the remote refused the TLS handshake ({alert}): it does not accept our client \
+         certificate; check --tlscert/--tlskey and the CA the remote trusts"
+    )
 }
 
 #[cfg(test)]
@@ -141,6 +150,9 @@ mod tests {
         let untrusted = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
         let text = explain_failure(&untrusted).expect("found");
         assert!(text.contains("UnknownIssuer") && text.contains("--tlscacert"), "{text}");
+
+        let h2_text = std::io::Error::other("connection error: received fatal alert: UnknownCA");
+        assert!(explain_failure(&h2_text).is_some_and(|t| t.contains("(UnknownCA)")));
 
         let plain = std::io::Error::other("refused");
         assert!(explain_failure(&plain).is_none());

@@ -90,7 +90,7 @@ fn unreachable_engine_gives_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("offload: cannot reach the Docker engine at unix://")
-            && stderr.contains("Is the engine running"),
+            && stderr.contains("Is it running, and is the address right?"),
         "{stderr}"
     );
     // The proxy itself is fine and answers again.

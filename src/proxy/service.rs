@@ -20,7 +20,7 @@ use crate::docker::headers::{
 use crate::docker::route::classify;
 use crate::lifecycle::Lifecycle;
 use crate::splice::splice;
-use crate::upstream::{BoxFuture, BoxedIo, FailureKind, Upstream, UpstreamError};
+use crate::upstream::{BoxFuture, BoxedIo, Upstream, UpstreamError};
 
 /// What every request handler shares.
 pub struct ProxyState {
@@ -94,16 +94,6 @@ async fn relay(
 }
 
 fn upstream_failure(error: &UpstreamError) -> Response<Body> {
-    let message = match error.kind {
-        FailureKind::Unreachable => format!(
-            "cannot reach the Docker engine at {}: {}. Is the engine running, and is the address right?",
-            error.target, error.reason
-        ),
-        FailureKind::Broken => format!(
-            "the connection to the Docker engine at {} failed during the request: {}",
-            error.target, error.reason
-        ),
-    };
-    tracing::warn!(target_engine = %error.target, reason = %error.reason, "upstream request failed");
-    error_response(StatusCode::BAD_GATEWAY, &message)
+    tracing::warn!(upstream = %error.target, reason = %error.reason, "upstream request failed");
+    error_response(StatusCode::BAD_GATEWAY, &error.user_message())
 }

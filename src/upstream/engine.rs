@@ -70,6 +70,7 @@ impl Upstream for EngineUpstream {
                     } else {
                         FailureKind::Broken
                     },
+                    what: "the Docker engine",
                     target: target.clone(),
                     reason: tls.unwrap_or_else(|| error_chain(&error)),
                 }

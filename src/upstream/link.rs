@@ -35,8 +35,9 @@ pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME: u32 = 64 << 10;
 pub const MAX_SEND_BUFFER: usize = 256 << 10;
-pub const PING_INTERVAL: Duration = Duration::from_secs(10);
-pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time between HTTP/2 pings; a link that misses one answer for as
+/// long is dead, so a dead link is noticed within two intervals.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
 
 const LINK_ORIGIN: &str = "http://offload.link";
 
@@ -46,6 +47,7 @@ pub struct LinkUpstream {
 
 struct Inner {
     dialer: Dialer,
+    keepalive: Duration,
     described: String,
     link: Mutex<Option<Link>>,
     resume_token: StdMutex<Option<String>>,
@@ -60,11 +62,12 @@ struct Link {
 }
 
 impl LinkUpstream {
-    pub fn new(dialer: Dialer) -> Self {
+    pub fn new(dialer: Dialer, keepalive: Duration) -> Self {
         let described = dialer.address().to_string();
         Self {
             inner: Arc::new(Inner {
                 dialer,
+                keepalive,
                 described,
                 link: Mutex::new(None),
                 resume_token: StdMutex::new(None),
@@ -100,7 +103,7 @@ impl Upstream for LinkUpstream {
 
 impl Inner {
     fn failure(&self, kind: FailureKind, reason: String) -> UpstreamError {
-        UpstreamError { kind, target: self.described.clone(), reason }
+        UpstreamError { kind, what: "the offload agent", target: self.described.clone(), reason }
     }
 
     /// The live link, or a new one (single-flight: concurrent callers wait).
@@ -132,22 +135,36 @@ impl Inner {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_send_buf_size(MAX_SEND_BUFFER)
-            .keep_alive_interval(PING_INTERVAL)
-            .keep_alive_timeout(PING_TIMEOUT)
+            .keep_alive_interval(self.keepalive)
+            .keep_alive_timeout(self.keepalive)
             .keep_alive_while_idle(true)
             .handshake::<_, Body>(TokioIo::new(dialed.io))
             .await
             .map_err(|e| {
                 unreachable(explain_ssh(format!("the link handshake failed: {}", error_chain(&e))))
             })?;
-        // The connection task ends when the link closes or every sender is dropped.
+        // The connection task ends when the link closes or every sender is
+        // dropped. Its error says why a link died (a TLS alert, say), which a
+        // request on it only sees as "connection closed".
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let result = connection.await;
+            if let Err(error) = &result {
                 tracing::debug!(%error, "link closed");
             }
+            let _ = ended_tx.send(result);
         });
-        let session =
-            self.handshake(sender.clone()).await.map_err(|reason| unreachable(explain_ssh(reason)))?;
+        let session = match self.handshake(sender.clone()).await {
+            Ok(session) => session,
+            Err(reason) => {
+                let cause = tokio::time::timeout(Duration::from_secs(1), ended_rx).await;
+                let reason = match cause {
+                    Ok(Ok(Err(error))) => crate::tls::explain_failure(&error).unwrap_or(reason),
+                    _ => reason,
+                };
+                return Err(unreachable(explain_ssh(reason)));
+            }
+        };
         if session.resumed {
             tracing::info!(session = %session.session_id, "link re-established; session resumed");
         } else {
@@ -174,10 +191,10 @@ impl Inner {
             .header(HeaderName::from_static(protocol::BACKGROUND), "1")
             .body(body::full(payload))
             .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("the session handshake failed: {}", error_chain(&e)))?;
+        let response = sender.send_request(request).await.map_err(|e| {
+            crate::tls::explain_failure(&e)
+                .unwrap_or_else(|| format!("the session handshake failed: {}", error_chain(&e)))
+        })?;
         let status = response.status();
         let bytes = Limited::new(response.into_body(), 1 << 20)
             .collect()

@@ -46,9 +46,27 @@ pub enum FailureKind {
 #[error("{target}: {reason}")]
 pub struct UpstreamError {
     pub kind: FailureKind,
+    /// What the upstream is, for messages: "the Docker engine", "the offload agent".
+    pub what: &'static str,
     /// The upstream as the user named it, e.g. `unix:///var/run/docker.sock`.
     pub target: String,
     pub reason: String,
+}
+
+impl UpstreamError {
+    /// The sentence a Docker client shows: what failed, why, what to check.
+    pub fn user_message(&self) -> String {
+        match self.kind {
+            FailureKind::Unreachable => format!(
+                "cannot reach {} at {}: {}. Is it running, and is the address right?",
+                self.what, self.target, self.reason
+            ),
+            FailureKind::Broken => format!(
+                "the connection to {} at {} failed during the request: {}",
+                self.what, self.target, self.reason
+            ),
+        }
+    }
 }
 
 pub trait Upstream: Send + Sync + 'static {

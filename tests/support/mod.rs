@@ -3,6 +3,7 @@
 //! everything a test creates (and nothing else).
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod delay;
 pub mod ssh;
 
 use std::io::{Read, Write};
