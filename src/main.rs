@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use offload::agent::session::SessionConfig;
 use offload::agent::{Agent, AgentListener};
 use offload::certs::CertsPlan;
 use offload::duration::parse_duration;
@@ -21,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 /// Run containers and builds on a remote Docker Engine with the Docker tools you already use.
 #[derive(Parser)]
-#[command(name = "offload", version)]
+#[command(name = "offload", version, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,6 +84,22 @@ struct AgentArgs {
     /// How long open streams may continue after SIGINT/SIGTERM
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// A session with no activity for this long is idle
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// After idle, this long without a reconnect ends the session and removes what it created
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    grace: Duration,
+    /// Where session records live, so a restarted agent still cleans up
+    /// (default: /var/lib/offload/agent as root, else ~/.local/state/offload/agent)
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Also prune the build cache at cleanup (by default it is shared and kept)
+    #[arg(long)]
+    purge_build_cache: bool,
+    /// Run this command (sh -c) and exit once no session has existed for the idle timeout
+    #[arg(long)]
+    on_idle_exit: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -181,8 +198,16 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
 
 async fn run_agent(args: AgentArgs) -> Result<(), String> {
     let engine = EngineUpstream::new(args.docker, &TlsFiles::default()).map_err(|e| e.to_string())?;
-    let agent = Agent::new(engine);
+    let config = SessionConfig {
+        idle_timeout: args.idle_timeout,
+        grace: args.grace,
+        state_dir: Some(args.state_dir.unwrap_or_else(default_state_dir)),
+        purge_build_cache: args.purge_build_cache,
+        on_idle_exit: args.on_idle_exit,
+    };
+    let agent = Agent::new(engine, config);
     let lifecycle = Lifecycle::new();
+    agent.start_idle_watcher(&lifecycle);
     if args.stdio {
         // ssh owns this process: it ends when the link (stdin) closes.
         agent.serve_stdio(lifecycle).await;
@@ -197,8 +222,14 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
         let lifecycle = lifecycle.clone();
         tokio::spawn(async move { agent.serve(listener, lifecycle).await })
     };
-    if let Err(error) = termination_signal().await {
-        tracing::error!(%error, "cannot wait for signals; shutting down");
+    // Stops on a signal, or when --on-idle-exit has run.
+    tokio::select! {
+        signal = termination_signal() => {
+            if let Err(error) = signal {
+                tracing::error!(%error, "cannot wait for signals; shutting down");
+            }
+        }
+        _ = lifecycle.token.cancelled() => {}
     }
     lifecycle.token.cancel();
     let _ = serving.await;
@@ -209,6 +240,18 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
         tracing::warn!("streams still open after the grace period; closing them");
     }
     Ok(())
+}
+
+fn default_state_dir() -> PathBuf {
+    let is_root =
+        std::env::var("USER").is_ok_and(|u| u == "root") || std::env::var("HOME").is_ok_and(|h| h == "/root");
+    if is_root {
+        return PathBuf::from("/var/lib/offload/agent");
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/state"));
+    base.join("offload/agent")
 }
 
 /// Binds the agent's listener; returns it and its address as a URL.

@@ -25,6 +25,8 @@ fn tls_agent(dir: &Path, port: u16) -> (AgentProcess, SocketAddr, PathBuf) {
         make_certs(&certs);
     }
     let args = [
+        "--state-dir".to_string(),
+        dir.join("agent-state").display().to_string(),
         "--listen".to_string(),
         format!("tls://127.0.0.1:{port}"),
         "--tlscacert".into(),

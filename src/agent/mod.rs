@@ -1,8 +1,12 @@
 //! The remote half: serves the link next to dockerd, forwards Docker API
 //! streams to the engine, and (later) owns sessions and remote security.
 
+pub mod cleanup;
+pub mod engine_calls;
+pub mod idle;
 pub mod service;
 pub mod session;
+pub mod tracked_body;
 
 use std::io;
 use std::path::PathBuf;
@@ -19,8 +23,8 @@ use tracing::Instrument;
 
 use crate::lifecycle::Lifecycle;
 use crate::upstream::engine::EngineUpstream;
-use service::AgentState;
-use session::Sessions;
+use service::{AgentState, LinkContext};
+use session::{SessionConfig, Sessions};
 
 /// Must exceed anything a session keeps open at once: long-lived streams
 /// (events, logs -f, attach, wait) never free their slot, and `docker run`
@@ -48,8 +52,15 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(engine: EngineUpstream) -> Self {
-        Self { state: Arc::new(AgentState { engine, sessions: Sessions::default() }) }
+    /// An agent with the sessions an earlier agent recorded in `config.state_dir`.
+    pub fn new(engine: EngineUpstream, config: SessionConfig) -> Self {
+        Self { state: Arc::new(AgentState { engine, sessions: Sessions::load(config) }) }
+    }
+
+    /// Starts the idle watcher (ends idle sessions, runs `--on-idle-exit`);
+    /// it cancels `lifecycle` when `--on-idle-exit` has run.
+    pub fn start_idle_watcher(&self, lifecycle: &Lifecycle) {
+        lifecycle.spawn(idle::watch(self.state.clone(), lifecycle.clone()));
     }
 
     /// Serves connections until the lifecycle is cancelled.
@@ -128,7 +139,9 @@ where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     tracing::info!("link up");
-    let service = service_fn(move |request| service::handle(state.clone(), request));
+    let link = Arc::new(LinkContext { session: std::sync::OnceLock::new(), closer: token.child_token() });
+    let closer = link.closer.clone();
+    let service = service_fn(move |request| service::handle(state.clone(), link.clone(), request));
     let connection = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -142,7 +155,8 @@ where
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = token.cancelled() => {
+        // Agent shutdown, or the session of this link ended.
+        _ = closer.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.as_mut().await
         }

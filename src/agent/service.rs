@@ -2,7 +2,9 @@
 //! request forwarded to the engine (plain, or upgraded into a byte stream).
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use tokio_util::sync::CancellationToken;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -11,10 +13,14 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
-use super::session::Sessions;
+use super::engine_calls::{call, json, labelled, Kind};
+use super::idle::end_session;
+use super::session::{ActivityGuard, ActivityKind, Session, Sessions};
+use super::tracked_body::{Guarded, Inspected};
 use crate::body::{self, Body};
 use crate::docker::error::error_response;
 use crate::docker::headers::{is_close_delimited, strip_hop_by_hop};
+use crate::docker::ownership::{add_label, creation, loaded_images, Creation, SESSION_LABEL};
 use crate::link::protocol::{self, EngineFacts, PingFacts, SessionInfo, SessionRequest};
 use crate::link::stream::{self, BodyReader};
 use crate::splice::splice;
@@ -26,26 +32,50 @@ pub struct AgentState {
     pub sessions: Sessions,
 }
 
+/// One link's state: the session its handshake opened, and the token that
+/// closes the link (when that session ends).
+pub struct LinkContext {
+    pub session: OnceLock<Arc<Session>>,
+    pub closer: CancellationToken,
+}
+
 pub async fn handle(
     state: Arc<AgentState>,
+    link: Arc<LinkContext>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path();
-    let response = if path == protocol::SESSION_PATH && request.method() == Method::POST {
-        open_session(&state, request).await
+    if path == protocol::SESSION_PATH && request.method() == Method::POST {
+        return Ok(open_session(&state, &link, request).await);
+    }
+    let Some(session) = link.session.get().cloned() else {
+        return Ok(error_response(
+            StatusCode::PRECONDITION_REQUIRED,
+            "open a session first (POST /_offload/v1/session)",
+        ));
+    };
+    let response = if path == protocol::SESSION_PATH && request.method() == Method::DELETE {
+        let removed = end_session(&state, &session, "ended by the proxy").await;
+        json_response(serde_json::to_vec(&removed).unwrap_or_default())
+    } else if path == protocol::STATUS_PATH && request.method() == Method::GET {
+        status(&state, &session).await
     } else if path.starts_with(protocol::PREFIX) {
         error_response(StatusCode::NOT_FOUND, "unknown offload endpoint; is the proxy newer than the agent?")
     } else if request.method() == Method::CONNECT {
         error_response(StatusCode::NOT_IMPLEMENTED, "port forwarding is not supported by this agent yet")
-    } else if let Some(protocol_value) = request.headers().get(protocol::UPGRADE).cloned() {
-        upgrade(&state, request, protocol_value).await
     } else {
-        forward(&state, request).await
+        // Background streams of the proxy itself are not the user's activity.
+        let activity = (!request.headers().contains_key(protocol::BACKGROUND))
+            .then(|| session.activity(ActivityKind::Request));
+        match request.headers().get(protocol::UPGRADE).cloned() {
+            Some(protocol_value) => upgrade(&state, &session, request, protocol_value).await,
+            None => forward(&state, &session, request, activity).await,
+        }
     };
     Ok(response)
 }
 
-async fn open_session(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
+async fn open_session(state: &AgentState, link: &LinkContext, request: Request<Incoming>) -> Response<Body> {
     let bytes = match Limited::new(request.into_body(), 64 << 10).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) => {
@@ -53,29 +83,66 @@ async fn open_session(state: &AgentState, request: Request<Incoming>) -> Respons
         }
     };
     let asked: SessionRequest = serde_json::from_slice(&bytes).unwrap_or_default();
-    let (record, resumed) = match state.sessions.open(asked.resume_token.as_deref()) {
-        Ok(opened) => opened,
-        Err(error) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
-    };
     let (engine, ping) = match engine_facts(&state.engine).await {
         Ok(facts) => facts,
         Err(message) => return error_response(StatusCode::BAD_GATEWAY, &message),
     };
+    let (session, resumed) = match state.sessions.open(asked.resume_token.as_deref()) {
+        Ok(opened) => opened,
+        Err(error) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+    };
+    if link.session.set(session.clone()).is_err() {
+        return error_response(StatusCode::CONFLICT, "this link already has a session");
+    }
+    session.bind_link(link.closer.clone());
     let info = SessionInfo {
-        session_id: record.id,
-        resume_token: record.resume_token,
+        session_id: session.id.clone(),
+        resume_token: session.resume_token.clone(),
         resumed,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         engine,
         ping,
     };
-    if !resumed {
+    if resumed {
+        tracing::info!(session = %info.session_id, "session resumed");
+    } else {
         tracing::info!(session = %info.session_id, "session started");
     }
     match serde_json::to_vec(&info) {
         Ok(json) => json_response(json),
         Err(error) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
     }
+}
+
+/// The session's facts, for `offload status`.
+async fn status(state: &AgentState, session: &Session) -> Response<Body> {
+    let config = &state.sessions.config;
+    let idle_for = session.idle_for();
+    let (requests, streams) = session.counts();
+    let list = |kind| labelled(&state.engine, &session.id, kind);
+    let (containers, volumes, networks) =
+        (list(Kind::Containers).await, list(Kind::Volumes).await, list(Kind::Networks).await);
+    let report = serde_json::json!({
+        "session_id": session.id,
+        "started_unix": session.started.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "idle_seconds": idle_for.as_secs_f64(),
+        "state": if idle_for < config.idle_timeout { "active" } else { "grace" },
+        "idle_timeout_seconds": config.idle_timeout.as_secs_f64(),
+        "grace_seconds": config.grace.as_secs_f64(),
+        "ends_in_seconds": (config.idle_timeout + config.grace).saturating_sub(idle_for).as_secs_f64(),
+        "activity": {
+            "requests": requests,
+            "streams": streams,
+            "running_containers": session.running_containers(),
+        },
+        "resources": {
+            "containers": containers.unwrap_or_default(),
+            "images": session.images(),
+            "volumes": volumes.unwrap_or_default(),
+            "networks": networks.unwrap_or_default(),
+        },
+    });
+    json_response(serde_json::to_vec(&report).unwrap_or_default())
 }
 
 fn json_response(json: Vec<u8>) -> Response<Body> {
@@ -141,15 +208,109 @@ fn title_case(name: &str) -> String {
         .join("-")
 }
 
-/// A plain Docker API request: forwarded with its body streaming.
-async fn forward(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
+/// The largest create body the agent reads to label it (the engine's own
+/// limit for JSON bodies is far below this).
+const MAX_CREATE_BODY: usize = 16 << 20;
+
+/// A plain Docker API request: forwarded with its body streaming. Requests
+/// that create something are labelled or recorded for the session's cleanup.
+async fn forward(
+    state: &AgentState,
+    session: &Arc<Session>,
+    request: Request<Incoming>,
+    activity: Option<ActivityGuard>,
+) -> Response<Body> {
     let method = request.method().clone();
+    let creation = creation(&method, request.uri().path(), request.uri().query());
     let (mut parts, incoming) = request.into_parts();
     parts.headers.remove(protocol::BACKGROUND);
-    match state.engine.send(Request::from_parts(parts, body::stream(incoming))).await {
-        Ok(exchange) => to_link_response(exchange, &method),
+    let mut outgoing = body::stream(incoming);
+    let mut new_images = Vec::new();
+    let mut images_before = None;
+    match &creation {
+        Some(Creation::Container | Creation::Volume | Creation::Network) => {
+            let bytes = match Limited::new(outgoing, MAX_CREATE_BODY).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => {
+                    return error_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "the create request's body is larger than 16 MiB; the agent reads create bodies to label them",
+                    )
+                }
+            };
+            let labelled = add_label(&bytes, SESSION_LABEL, &session.id).map(Bytes::from).unwrap_or(bytes);
+            parts.headers.remove(header::TRANSFER_ENCODING);
+            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(labelled.len()));
+            outgoing = body::full(labelled);
+        }
+        Some(Creation::Images(references)) => {
+            for reference in references {
+                // A reference that already exists is not the session's to remove.
+                let exists = matches!(
+                    call(&state.engine, Method::GET, &format!("/images/{reference}/json")).await,
+                    Ok((status, _)) if status.is_success()
+                );
+                if !exists {
+                    new_images.push(reference.clone());
+                }
+            }
+        }
+        Some(Creation::ImageLoad) => images_before = Some(image_tags(&state.engine).await),
+        None => {}
+    }
+    match state.engine.send(Request::from_parts(parts, outgoing)).await {
+        Ok(exchange) => {
+            let succeeded = exchange.response.status().is_success();
+            if succeeded && !new_images.is_empty() {
+                session.record_images(new_images);
+                state.sessions.save(session);
+            }
+            let mut response = to_link_response(exchange, &method);
+            if let (Some(before), true) = (images_before, succeeded) {
+                response = record_loaded_images(response, session.clone(), before);
+            }
+            // The request stays activity until its response body has been sent.
+            match activity {
+                Some(guard) => response.map(|b| body::stream(Guarded::new(b, guard))),
+                None => response,
+            }
+        }
         Err(error) => engine_failure(&error),
     }
+}
+
+async fn image_tags(engine: &EngineUpstream) -> Vec<String> {
+    let images = json(engine, "/images/json").await.unwrap_or_default();
+    images
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .flat_map(|image| {
+                    let tags = image["RepoTags"].as_array().cloned().unwrap_or_default();
+                    tags.into_iter()
+                        .filter_map(|t| t.as_str().map(str::to_string))
+                        .chain(image["Id"].as_str().map(str::to_string))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Watches a load's progress stream for the images it loaded.
+fn record_loaded_images(
+    response: Response<Body>,
+    session: Arc<Session>,
+    before: Vec<String>,
+) -> Response<Body> {
+    response.map(|inner| {
+        body::stream(Inspected::new(inner, move |text| {
+            let loaded: Vec<String> = loaded_images(&String::from_utf8_lossy(text))
+                .into_iter()
+                .filter(|r| !before.contains(r))
+                .collect();
+            session.record_images(loaded);
+        }))
+    })
 }
 
 /// Marks what HTTP/2 cannot carry: a close-delimited body.
@@ -177,9 +338,11 @@ fn engine_failure(error: &UpstreamError) -> Response<Body> {
 /// for the engine; after the engine's 101, the rest is relayed raw both ways.
 async fn upgrade(
     state: &AgentState,
+    session: &Arc<Session>,
     request: Request<Incoming>,
     protocol_value: HeaderValue,
 ) -> Response<Body> {
+    let background = request.headers().contains_key(protocol::BACKGROUND);
     let method = request.method().clone();
     let (mut parts, mut incoming) = request.into_parts();
     let body_length: usize = parts
@@ -219,7 +382,10 @@ async fn upgrade(
         head.headers.insert(HeaderName::from_static(protocol::UPGRADE), value);
     }
     let (writer, response_body) = stream::channel();
+    // An open attach, exec or build session is activity for as long as it lives.
+    let activity = (!background).then(|| session.activity(ActivityKind::Stream));
     let relay = async move {
+        let _activity = activity;
         let mut engine = match engine_side.await {
             Ok(io) => io,
             Err(error) => return tracing::debug!(%error, "engine upgrade failed"),

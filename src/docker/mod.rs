@@ -2,4 +2,5 @@
 
 pub mod error;
 pub mod headers;
+pub mod ownership;
 pub mod route;

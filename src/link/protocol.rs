@@ -1,6 +1,8 @@
 //! The wire contract of the link, version 1 (see ARCHITECTURE.md).
 //!
 //! - `POST /_offload/v1/session` first: the agent answers with [`SessionInfo`].
+//!   `DELETE` on the same path ends the session now (with cleanup);
+//!   `GET /_offload/v1/status` reports it.
 //! - Any other path not under `/_offload/` is a Docker API request, forwarded
 //!   verbatim (hop-by-hop headers removed), bodies streamed both ways.
 //! - An upgrade (attach, exec start, `/session`, `/grpc`) is an ordinary
@@ -14,6 +16,8 @@
 use serde::{Deserialize, Serialize};
 
 pub const SESSION_PATH: &str = "/_offload/v1/session";
+/// `GET`: the session's facts (activity, idle deadline, resources).
+pub const STATUS_PATH: &str = "/_offload/v1/status";
 pub const PREFIX: &str = "/_offload/";
 
 /// The client's `Upgrade` value (`tcp`, `h2c`), on an upgraded request.

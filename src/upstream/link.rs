@@ -165,8 +165,15 @@ impl Inner {
                 return Err(unreachable(explain_ssh(reason)));
             }
         };
+        let had_session = self.resume_token.lock().map(|t| t.is_some()).unwrap_or(false);
         if session.resumed {
             tracing::info!(session = %session.session_id, "link re-established; session resumed");
+        } else if had_session {
+            tracing::warn!(
+                session = %session.session_id,
+                "the previous session had ended (idle, or stopped) and the agent removed the containers, \
+                 images, volumes and networks it created; a new session began"
+            );
         } else {
             tracing::info!(
                 session = %session.session_id,

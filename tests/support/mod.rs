@@ -112,6 +112,11 @@ impl AgentProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// True once the agent has exited by itself.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
 }
 
 impl Drop for AgentProcess {
@@ -168,8 +173,11 @@ impl Proxy {
             Via::UnixAgent => {
                 let agent_socket = dir.path().join("agent.sock");
                 let listen = format!("unix://{}", agent_socket.display());
-                let (agent, url) =
-                    AgentProcess::start(dir.path(), &["--listen".into(), listen, "--insecure".into()]);
+                let state = dir.path().join("agent-state").display().to_string();
+                let (agent, url) = AgentProcess::start(
+                    dir.path(),
+                    &["--listen".into(), listen, "--insecure".into(), "--state-dir".into(), state],
+                );
                 guards.push(Box::new(agent));
                 vec!["--remote".into(), url, "--insecure".into()]
             }
@@ -177,7 +185,10 @@ impl Proxy {
                 let certs = dir.path().join("certs");
                 make_certs(&certs);
                 let file = |name: &str| certs.join(name).display().to_string();
+                let state = dir.path().join("agent-state").display().to_string();
                 let agent_args = [
+                    "--state-dir",
+                    &state,
                     "--listen",
                     "tls://127.0.0.1:0",
                     "--tlscacert",
@@ -209,7 +220,11 @@ impl Proxy {
                 for arg in remote.ssh_args() {
                     args.push(format!("--ssh-arg={arg}"));
                 }
-                args.push(format!("--remote-command={offload} agent --stdio --docker {ENGINE}"));
+                let state = dir.path().join("agent-state");
+                args.push(format!(
+                    "--remote-command={offload} agent --stdio --docker {ENGINE} --state-dir {}",
+                    state.display()
+                ));
                 guards.push(Box::new(remote));
                 args
             }

@@ -1,0 +1,92 @@
+//! The idle watcher: notices activity the request path cannot see (running
+//! containers), ends sessions after idle + grace, and runs `--on-idle-exit`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::cleanup::clean_up;
+use super::engine_calls::{labelled, Kind};
+use super::service::AgentState;
+use super::session::Session;
+use crate::lifecycle::Lifecycle;
+
+/// How often records are rewritten while a session is busy.
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+
+pub async fn watch(state: Arc<AgentState>, lifecycle: Lifecycle) {
+    let config = state.sessions.config.clone();
+    let tick =
+        (config.idle_timeout.min(config.grace) / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut empty_since = Instant::now();
+    let mut last_save = Instant::now();
+    loop {
+        tokio::select! {
+            _ = lifecycle.token.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let save_now = last_save.elapsed() >= SAVE_EVERY;
+        for session in state.sessions.all() {
+            check(&state, &session).await;
+            if save_now && !session.is_ended() {
+                state.sessions.save(&session);
+            }
+        }
+        if save_now {
+            last_save = Instant::now();
+        }
+        if !state.sessions.is_empty() {
+            empty_since = Instant::now();
+        } else if let Some(command) = &config.on_idle_exit {
+            if empty_since.elapsed() >= config.idle_timeout {
+                run_on_idle_exit(command).await;
+                lifecycle.token.cancel();
+                return;
+            }
+        }
+    }
+}
+
+async fn check(state: &AgentState, session: &Arc<Session>) {
+    let config = &state.sessions.config;
+    if session.busy() {
+        session.touch();
+    } else if let Ok(running) = labelled(&state.engine, &session.id, Kind::RunningContainers).await {
+        session.set_running_containers(running.len());
+    }
+    if session.idle_for() < config.idle_timeout + config.grace {
+        return;
+    }
+    end_session(state, session, "idle").await;
+}
+
+/// Ends a session now: closes its links, removes what it created, forgets it.
+pub async fn end_session(state: &AgentState, session: &Session, why: &str) -> super::cleanup::Removed {
+    if !session.end() {
+        return super::cleanup::Removed::default();
+    }
+    tracing::info!(session = %session.id, reason = why, "session ended; cleaning up");
+    let removed = clean_up(&state.engine, session, state.sessions.config.purge_build_cache).await;
+    let complete = removed.failures.is_empty();
+    if !complete {
+        tracing::warn!(session = %session.id, failures = ?removed.failures, "cleanup incomplete; the record stays for the next agent start");
+    }
+    state.sessions.forget(session, !complete);
+    tracing::info!(
+        session = %session.id,
+        containers = removed.containers,
+        images = removed.images,
+        volumes = removed.volumes,
+        networks = removed.networks,
+        "session cleaned up"
+    );
+    removed
+}
+
+async fn run_on_idle_exit(command: &str) {
+    tracing::info!(%command, "no session for the idle timeout; running --on-idle-exit and exiting");
+    match tokio::process::Command::new("sh").arg("-c").arg(command).status().await {
+        Ok(status) if status.success() => {}
+        Ok(status) => tracing::warn!(%status, "--on-idle-exit failed"),
+        Err(error) => tracing::warn!(%error, "cannot run --on-idle-exit"),
+    }
+}
