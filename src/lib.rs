@@ -28,4 +28,5 @@ pub mod link;
 pub mod proxy;
 pub mod splice;
 pub mod tls;
+pub mod unix_socket;
 pub mod upstream;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use offload::agent::resident::{bridge_stdio, ResidentPlan};
 use offload::agent::session::SessionConfig;
 use offload::agent::{Agent, AgentListener};
 use offload::certs::CertsPlan;
@@ -13,11 +14,12 @@ use offload::lifecycle::{termination_signal, Lifecycle};
 use offload::link::transport::{Dialer, RemoteAddress, SshOptions};
 use offload::proxy::{self, ProxyConfig};
 use offload::tls::TlsFiles;
+use offload::unix_socket::{self, SocketFile};
 use offload::upstream::address::EngineAddress;
 use offload::upstream::engine::EngineUpstream;
 use offload::upstream::link::LinkUpstream;
 use offload::upstream::Upstream;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 /// Run containers and builds on a remote Docker Engine with the Docker tools you already use.
@@ -63,9 +65,13 @@ struct AgentArgs {
     /// Where proxies connect: tls://ADDR:PORT (port 0 picks one; the log names it)
     #[arg(long, required_unless_present = "stdio", conflicts_with = "stdio")]
     listen: Option<String>,
-    /// Speak the link on stdin/stdout (what `ssh host offload agent --stdio` runs)
+    /// Speak the link on stdin/stdout (what `ssh host offload agent --stdio` runs):
+    /// bridges to the user's resident agent, starting it if needed
     #[arg(long)]
     stdio: bool,
+    /// Run as the resident agent behind --stdio (started by it; exits when idle)
+    #[arg(long, hide = true)]
+    resident: bool,
     /// Allow a plain tcp:// (loopback only) or unix:// listener: for tests
     #[arg(long)]
     insecure: bool,
@@ -197,32 +203,42 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
 }
 
 async fn run_agent(args: AgentArgs) -> Result<(), String> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    if args.stdio {
+        // ssh runs this: bridge to the resident agent, which owns the sessions.
+        let plan = resident_plan(&args, &state_dir)?;
+        return bridge_stdio(&plan).await.map_err(|e| format!("cannot reach the resident agent: {e}"));
+    }
     let engine = EngineUpstream::new(args.docker, &TlsFiles::default()).map_err(|e| e.to_string())?;
     let config = SessionConfig {
         idle_timeout: args.idle_timeout,
         grace: args.grace,
-        state_dir: Some(args.state_dir.unwrap_or_else(default_state_dir)),
+        state_dir: Some(state_dir.clone()),
         purge_build_cache: args.purge_build_cache,
         on_idle_exit: args.on_idle_exit,
+        exit_when_idle: args.resident,
     };
     let agent = Agent::new(engine, config);
     let lifecycle = Lifecycle::new();
-    agent.start_idle_watcher(&lifecycle);
-    if args.stdio {
-        // ssh owns this process: it ends when the link (stdin) closes.
-        agent.serve_stdio(lifecycle).await;
-        return Ok(());
-    }
     let listen = RemoteAddress::parse(args.listen.as_deref().unwrap_or_default())?;
-    check_plain(&listen, args.insecure)?;
+    // The resident agent's socket is private to its user (0600): no --insecure needed.
+    let private_unix = args.resident && matches!(listen, RemoteAddress::Unix(_));
+    if !private_unix {
+        check_plain(&listen, args.insecure)?;
+    }
     let tls = TlsFiles { ca: args.tlscacert, cert: args.tlscert, key: args.tlskey };
-    let (listener, shown) = agent_listener(&listen, &tls).await?;
+    let (listener, shown, socket_file) = agent_listener(&listen, &tls).await?;
+    let pid_file = args.resident.then(|| state_dir.join("agent.pid"));
+    if let Some(pid_file) = &pid_file {
+        let _ = std::fs::write(pid_file, std::process::id().to_string());
+    }
+    agent.start_idle_watcher(&lifecycle);
     tracing::info!(listen = %shown, "offload agent ready");
     let serving = {
         let lifecycle = lifecycle.clone();
         tokio::spawn(async move { agent.serve(listener, lifecycle).await })
     };
-    // Stops on a signal, or when --on-idle-exit has run.
+    // Stops on a signal, or when the idle watcher decides to exit.
     tokio::select! {
         signal = termination_signal() => {
             if let Err(error) = signal {
@@ -233,13 +249,43 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
     }
     lifecycle.token.cancel();
     let _ = serving.await;
-    if let RemoteAddress::Unix(path) = &listen {
-        let _ = std::fs::remove_file(path);
+    drop(socket_file);
+    if let Some(pid_file) = pid_file {
+        let _ = std::fs::remove_file(pid_file);
     }
     if !lifecycle.shutdown(args.shutdown_grace).await {
         tracing::warn!("streams still open after the grace period; closing them");
     }
     Ok(())
+}
+
+/// How `--stdio` reaches the resident agent, and how it starts one.
+fn resident_plan(args: &AgentArgs, state_dir: &std::path::Path) -> Result<ResidentPlan, String> {
+    let program = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let socket = state_dir.join("agent.sock");
+    let millis = |d: Duration| format!("{}ms", d.as_millis());
+    let mut resident: Vec<std::ffi::OsString> = vec![
+        "agent".into(),
+        "--resident".into(),
+        "--listen".into(),
+        format!("unix://{}", socket.display()).into(),
+        "--docker".into(),
+        args.docker.to_string().into(),
+        "--state-dir".into(),
+        state_dir.into(),
+        "--idle-timeout".into(),
+        millis(args.idle_timeout).into(),
+        "--grace".into(),
+        millis(args.grace).into(),
+    ];
+    if args.purge_build_cache {
+        resident.push("--purge-build-cache".into());
+    }
+    if let Some(command) = &args.on_idle_exit {
+        resident.push("--on-idle-exit".into());
+        resident.push(command.into());
+    }
+    Ok(ResidentPlan { socket, program, args: resident, log: state_dir.join("agent.log") })
 }
 
 fn default_state_dir() -> PathBuf {
@@ -254,8 +300,12 @@ fn default_state_dir() -> PathBuf {
     base.join("offload/agent")
 }
 
-/// Binds the agent's listener; returns it and its address as a URL.
-async fn agent_listener(listen: &RemoteAddress, tls: &TlsFiles) -> Result<(AgentListener, String), String> {
+/// Binds the agent's listener; returns it, its address as a URL, and (for a
+/// unix socket) the file that is removed again on exit.
+async fn agent_listener(
+    listen: &RemoteAddress,
+    tls: &TlsFiles,
+) -> Result<(AgentListener, String, Option<SocketFile>), String> {
     let bind_error = |e: std::io::Error| format!("cannot listen on {listen}: {e}");
     match listen {
         RemoteAddress::Tls { host, port } => {
@@ -263,20 +313,31 @@ async fn agent_listener(listen: &RemoteAddress, tls: &TlsFiles) -> Result<(Agent
             let tcp = TcpListener::bind((host.as_str(), *port)).await.map_err(bind_error)?;
             let local = tcp.local_addr().map_err(bind_error)?;
             let acceptor = TlsAcceptor::from(Arc::new(config));
-            Ok((AgentListener::Tls(tcp, acceptor), format!("tls://{local}")))
+            Ok((AgentListener::Tls(tcp, acceptor), format!("tls://{local}"), None))
         }
         RemoteAddress::Tcp { host, port } => {
             let tcp = TcpListener::bind((host.as_str(), *port)).await.map_err(bind_error)?;
             let local = tcp.local_addr().map_err(bind_error)?;
-            Ok((AgentListener::PlainTcp(tcp), format!("tcp://{local}")))
+            Ok((AgentListener::PlainTcp(tcp), format!("tcp://{local}"), None))
         }
         RemoteAddress::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            let unix = UnixListener::bind(path).map_err(bind_error)?;
-            Ok((AgentListener::Unix(unix, path.clone()), format!("unix://{}", path.display())))
+            if let Some(dir) = path.parent() {
+                create_private_dir(dir).map_err(bind_error)?;
+            }
+            let (unix, file) = unix_socket::bind(path).map_err(|e| e.to_string())?;
+            Ok((AgentListener::Unix(unix, path.clone()), format!("unix://{}", path.display()), Some(file)))
         }
         RemoteAddress::Ssh { .. } => Err("the agent listens on tls://; for ssh, use --stdio".to_string()),
     }
+}
+
+/// Creates `dir` (mode 0700 when new): it holds sockets and session records.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
 /// Plain links carry Docker API access unencrypted and unauthenticated: only

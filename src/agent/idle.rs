@@ -36,12 +36,15 @@ pub async fn watch(state: Arc<AgentState>, lifecycle: Lifecycle) {
         }
         if !state.sessions.is_empty() {
             empty_since = Instant::now();
-        } else if let Some(command) = &config.on_idle_exit {
-            if empty_since.elapsed() >= config.idle_timeout {
+        } else if (config.on_idle_exit.is_some() || config.exit_when_idle)
+            && empty_since.elapsed() >= config.idle_timeout
+        {
+            if let Some(command) = &config.on_idle_exit {
                 run_on_idle_exit(command).await;
-                lifecycle.token.cancel();
-                return;
             }
+            tracing::info!("no session for the idle timeout; exiting");
+            lifecycle.token.cancel();
+            return;
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod cleanup;
 pub mod engine_calls;
 pub mod idle;
+pub mod resident;
 pub mod service;
 pub mod session;
 pub mod tracked_body;
@@ -97,14 +98,6 @@ impl Agent {
                 }
             }
         }
-    }
-
-    /// Serves one link on stdin/stdout (`offload agent --stdio`, run by ssh).
-    pub async fn serve_stdio(&self, lifecycle: Lifecycle) {
-        let io = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-        serve_link(io, self.state.clone(), lifecycle.token.clone())
-            .instrument(tracing::info_span!("link", peer = "stdio"))
-            .await;
     }
 }
 

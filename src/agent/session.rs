@@ -29,6 +29,8 @@ pub struct SessionConfig {
     pub purge_build_cache: bool,
     /// Run this (with `sh -c`) and exit once no session has existed for the idle timeout.
     pub on_idle_exit: Option<String>,
+    /// Exit once no session has existed for the idle timeout (the resident agent).
+    pub exit_when_idle: bool,
 }
 
 impl Default for SessionConfig {
@@ -39,6 +41,7 @@ impl Default for SessionConfig {
             state_dir: None,
             purge_build_cache: false,
             on_idle_exit: None,
+            exit_when_idle: false,
         }
     }
 }

@@ -9,7 +9,11 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 use tokio_rustls::TlsConnector;
@@ -141,8 +145,24 @@ impl Dialer {
                 let connector = self.tls.clone().ok_or_else(|| io::Error::other("TLS is not configured"))?;
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                let stream = connector.connect(name, tcp).await?;
-                Ok(Dialed { io: Box::new(stream), ssh: None })
+                let mut stream = connector.connect(name, tcp).await?;
+                // TLS 1.3 checks our certificate after our side of the handshake
+                // is done; a refusal arrives as an alert, which a request sent at
+                // once could lose to a connection reset. The agent speaks first
+                // (its HTTP/2 SETTINGS), so wait for that: an alert, deterministically.
+                let mut first = vec![0u8; 4096];
+                let n = tokio::time::timeout(CONNECT_TIMEOUT, stream.read(&mut first))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent did not answer"))??;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the agent closed the connection",
+                    )
+                    .into());
+                }
+                first.truncate(n);
+                Ok(Dialed { io: Box::new(Prefixed { prefix: Bytes::from(first), inner: stream }), ssh: None })
             }
             RemoteAddress::Tcp { host, port } => {
                 Ok(Dialed { io: Box::new(tcp_connect(host, *port).await?), ssh: None })
@@ -214,6 +234,42 @@ pub struct SshProcess {
 impl SshProcess {
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().map(|lines| lines.join("; ")).unwrap_or_default()
+    }
+}
+
+/// A stream whose first bytes were already read.
+struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

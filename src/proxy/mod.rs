@@ -2,7 +2,6 @@
 //! everything to an [`Upstream`], transparently.
 
 pub mod hangup;
-pub mod listener;
 pub mod parse_errors;
 pub mod service;
 
@@ -36,8 +35,11 @@ pub struct ProxyConfig {
 }
 
 /// Binds the socket, serves until SIGINT/SIGTERM, then drains and removes it.
-pub async fn serve(config: ProxyConfig, upstream: Arc<dyn Upstream>) -> Result<(), listener::ListenError> {
-    let (listener, socket_file) = listener::bind(&config.listen)?;
+pub async fn serve(
+    config: ProxyConfig,
+    upstream: Arc<dyn Upstream>,
+) -> Result<(), crate::unix_socket::ListenError> {
+    let (listener, socket_file) = crate::unix_socket::bind(&config.listen)?;
     let lifecycle = Lifecycle::new();
     tracing::info!(
         listen = %format!("unix://{}", socket_file.path().display()),

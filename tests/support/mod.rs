@@ -47,12 +47,26 @@ pub fn unique(what: &str) -> String {
 
 /// A running `offload proxy` on a private socket.
 pub struct Proxy {
+    /// What the proxy's upstream needs alive (an agent, an sshd). Declared
+    /// first so it is dropped before `dir` (it may keep files there).
+    guards: Vec<Box<dyn std::any::Any>>,
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     log: PathBuf,
-    /// What the proxy's upstream needs alive (an agent, an sshd); dropped after it.
-    guards: Vec<Box<dyn std::any::Any>>,
+}
+
+/// Stops the resident agent that `offload agent --stdio` started, by its pid file.
+struct ResidentAgent {
+    pid_file: PathBuf,
+}
+
+impl Drop for ResidentAgent {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.pid_file) {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.trim()).stderr(Stdio::null()).status();
+        }
+    }
 }
 
 /// How the proxy reaches the engine.
@@ -157,7 +171,7 @@ impl Proxy {
             .stderr(log_file)
             .spawn()
             .expect("spawn offload proxy");
-        let mut proxy = Proxy { child: Some(child), dir, socket, log, guards: Vec::new() };
+        let mut proxy = Proxy { guards: Vec::new(), child: Some(child), dir, socket, log };
         proxy.wait_ready();
         proxy
     }
@@ -221,10 +235,12 @@ impl Proxy {
                     args.push(format!("--ssh-arg={arg}"));
                 }
                 let state = dir.path().join("agent-state");
+                guards.push(Box::new(ResidentAgent { pid_file: state.join("agent.pid") }));
                 args.push(format!(
                     "--remote-command={offload} agent --stdio --docker {ENGINE} --state-dir {}",
                     state.display()
                 ));
+                // Dropped after the resident agent's guard: last in, last out.
                 guards.push(Box::new(remote));
                 args
             }

@@ -1,5 +1,6 @@
-//! The proxy's unix socket: created mode 0600, a stale file from a dead proxy
-//! replaced, a live proxy never displaced, and the file removed on drop.
+//! Our unix sockets (the proxy's, the resident agent's): created mode 0600, a
+//! stale file from a dead process replaced, a live one never displaced, and
+//! the file removed on drop.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
