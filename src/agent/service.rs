@@ -21,6 +21,7 @@ use crate::body::{self, Body};
 use crate::docker::error::error_response;
 use crate::docker::headers::{is_close_delimited, strip_hop_by_hop};
 use crate::docker::ownership::{add_label, creation, loaded_images, Creation, SESSION_LABEL};
+use crate::docker::ports::bind_to_loopback;
 use crate::link::protocol::{self, EngineFacts, PingFacts, SessionInfo, SessionRequest};
 use crate::link::stream::{self, BodyReader};
 use crate::splice::splice;
@@ -62,7 +63,7 @@ pub async fn handle(
     } else if path.starts_with(protocol::PREFIX) {
         error_response(StatusCode::NOT_FOUND, "unknown offload endpoint; is the proxy newer than the agent?")
     } else if request.method() == Method::CONNECT {
-        error_response(StatusCode::NOT_IMPLEMENTED, "port forwarding is not supported by this agent yet")
+        tunnel(&session, request).await
     } else {
         // Background streams of the proxy itself are not the user's activity.
         let activity = (!request.headers().contains_key(protocol::BACKGROUND))
@@ -238,7 +239,11 @@ async fn forward(
                     )
                 }
             };
-            let labelled = add_label(&bytes, SESSION_LABEL, &session.id).map(Bytes::from).unwrap_or(bytes);
+            let mut labelled =
+                add_label(&bytes, SESSION_LABEL, &session.id).map(Bytes::from).unwrap_or(bytes);
+            if creation == Some(Creation::Container) {
+                labelled = publish_on_loopback(&state.engine, labelled).await;
+            }
             parts.headers.remove(header::TRANSFER_ENCODING);
             parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(labelled.len()));
             outgoing = body::full(labelled);
@@ -277,6 +282,70 @@ async fn forward(
         }
         Err(error) => engine_failure(&error),
     }
+}
+
+/// Published ports bind to the remote's loopback only: they are reached
+/// through the link, never on the remote host's interfaces.
+async fn publish_on_loopback(engine: &EngineUpstream, create: Bytes) -> Bytes {
+    let parsed: serde_json::Value = serde_json::from_slice(&create).unwrap_or_default();
+    let publish_all = parsed
+        .as_object()
+        .and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case("HostConfig")))
+        .and_then(|(_, hc)| hc.as_object())
+        .and_then(|hc| hc.iter().find(|(k, _)| k.eq_ignore_ascii_case("PublishAllPorts")))
+        .is_some_and(|(_, v)| v.as_bool() == Some(true));
+    let mut image_exposed = Vec::new();
+    if publish_all {
+        let image = parsed
+            .as_object()
+            .and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case("Image")))
+            .and_then(|(_, v)| v.as_str())
+            .unwrap_or_default();
+        if let Ok(inspect) = json(engine, &format!("/images/{image}/json")).await {
+            if let Some(ports) = inspect["Config"]["ExposedPorts"].as_object() {
+                image_exposed = ports.keys().cloned().collect();
+            }
+        }
+    }
+    bind_to_loopback(&create, &image_exposed).map(Bytes::from).unwrap_or(create)
+}
+
+/// A forwarded connection: `CONNECT 127.0.0.1:<port>`. Only the agent's own
+/// loopback is a target; the stream counts as the session's activity.
+async fn tunnel(session: &Arc<Session>, mut request: Request<Incoming>) -> Response<Body> {
+    let target = request.uri().authority().map(|a| (a.host().to_string(), a.port_u16()));
+    let Some((host, Some(port))) = target else {
+        return error_response(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+    };
+    let loopback = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>();
+    if !loopback.is_ok_and(|ip| ip.is_loopback()) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            &format!("the agent forwards only to its own loopback, not to {host}:{port}"),
+        );
+    }
+    let stream = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("cannot connect to port {port}: {error}"),
+            )
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let pending = hyper::upgrade::on(&mut request);
+    let activity = session.activity(ActivityKind::Stream);
+    tokio::spawn(async move {
+        let _activity = activity;
+        let Ok(upgraded) = pending.await else { return };
+        let mut link = hyper_util::rt::TokioIo::new(upgraded);
+        let mut stream = stream;
+        if let Err(error) = splice(&mut link, &mut stream).await {
+            tracing::debug!(%error, port, "forwarded connection aborted");
+        }
+    });
+    Response::new(body::empty())
 }
 
 async fn image_tags(engine: &EngineUpstream) -> Vec<String> {

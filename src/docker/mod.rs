@@ -3,4 +3,5 @@
 pub mod error;
 pub mod headers;
 pub mod ownership;
+pub mod ports;
 pub mod route;

@@ -33,6 +33,29 @@ impl Route {
     }
 }
 
+/// `(container, action)` for `POST /containers/{id}/{start|restart|unpause}`:
+/// the requests after which a container's published ports may have changed.
+pub fn container_started<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+    if method != Method::POST {
+        return None;
+    }
+    let rest = unversioned(path).strip_prefix("/containers/")?;
+    let (id, action) = rest.split_once('/')?;
+    matches!(action, "start" | "restart" | "unpause").then_some(id).filter(|id| !id.is_empty())
+}
+
+/// The container a successful request stops or removes (`stop`, `kill`,
+/// `pause`, `DELETE /containers/{id}`): its forwards can close at once.
+pub fn container_stopped<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+    let rest = unversioned(path).strip_prefix("/containers/")?;
+    let id = match (method, rest.split_once('/')) {
+        (&Method::DELETE, None) => rest,
+        (&Method::POST, Some((id, "stop" | "kill" | "pause"))) => id,
+        _ => return None,
+    };
+    (!id.is_empty()).then_some(id)
+}
+
 /// Strips a `/v1.41`-style prefix; returns the path unchanged when there is none.
 pub fn unversioned(path: &str) -> &str {
     let Some(rest) = path.strip_prefix("/v") else {
@@ -64,6 +87,23 @@ pub fn classify(method: &Method, path: &str) -> Route {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_stopped_containers() {
+        assert_eq!(container_stopped(&Method::DELETE, "/v1.41/containers/abc"), Some("abc"));
+        assert_eq!(container_stopped(&Method::POST, "/containers/web/kill"), Some("web"));
+        assert_eq!(container_stopped(&Method::POST, "/containers/web/start"), None);
+        assert_eq!(container_stopped(&Method::GET, "/containers/web"), None);
+    }
+
+    #[test]
+    fn finds_started_containers() {
+        assert_eq!(container_started(&Method::POST, "/v1.41/containers/abc/start"), Some("abc"));
+        assert_eq!(container_started(&Method::POST, "/containers/web/restart"), Some("web"));
+        assert_eq!(container_started(&Method::POST, "/containers/web/stop"), None);
+        assert_eq!(container_started(&Method::GET, "/containers/web/start"), None);
+        assert_eq!(container_started(&Method::POST, "/containers//start"), None);
+    }
 
     #[test]
     fn strips_version_prefix_only_when_it_is_one() {

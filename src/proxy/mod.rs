@@ -3,6 +3,7 @@
 
 pub mod hangup;
 pub mod parse_errors;
+pub mod ports;
 pub mod service;
 
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ pub struct ProxyConfig {
     pub listen: PathBuf,
     /// How long streams may keep running after SIGINT/SIGTERM.
     pub shutdown_grace: Duration,
+    /// Where published ports listen locally when the user named no address.
+    pub publish_address: std::net::IpAddr,
 }
 
 /// Binds the socket, serves until SIGINT/SIGTERM, then drains and removes it.
@@ -46,7 +49,7 @@ pub async fn serve(
         upstream = upstream.describe(),
         "offload proxy ready"
     );
-    let accept = tokio::spawn(run(listener, upstream, lifecycle.clone()));
+    let accept = tokio::spawn(run(listener, upstream, lifecycle.clone(), config.publish_address));
     if let Err(error) = termination_signal().await {
         tracing::error!(%error, "cannot wait for signals; shutting down");
     }
@@ -63,8 +66,16 @@ pub async fn serve(
 
 /// Accepts connections until `lifecycle.token` is cancelled. One task per
 /// connection; every task is tracked by the lifecycle.
-pub async fn run(listener: UnixListener, upstream: Arc<dyn Upstream>, lifecycle: Lifecycle) {
-    let state = Arc::new(ProxyState { upstream, lifecycle: lifecycle.clone() });
+pub async fn run(
+    listener: UnixListener,
+    upstream: Arc<dyn Upstream>,
+    lifecycle: Lifecycle,
+    publish_address: std::net::IpAddr,
+) {
+    let ports = upstream
+        .forwards_ports()
+        .then(|| ports::PortForwards::new(upstream.clone(), lifecycle.clone(), publish_address));
+    let state = Arc::new(ProxyState { upstream, lifecycle: lifecycle.clone(), ports });
     let mut next_id: u64 = 0;
     loop {
         let stream = tokio::select! {

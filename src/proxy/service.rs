@@ -12,12 +12,13 @@ use hyper_util::rt::TokioIo;
 use tracing::Instrument;
 
 use super::hangup::HangupWatch;
+use super::ports::PortForwards;
 use crate::body::{self, Body};
 use crate::docker::error::error_response;
 use crate::docker::headers::{
     client_response_headers, is_close_delimited, requested_upgrade, upstream_request_headers,
 };
-use crate::docker::route::classify;
+use crate::docker::route::{classify, container_started, container_stopped};
 use crate::lifecycle::Lifecycle;
 use crate::splice::splice;
 use crate::upstream::{BoxFuture, BoxedIo, Upstream, UpstreamError};
@@ -26,6 +27,8 @@ use crate::upstream::{BoxFuture, BoxedIo, Upstream, UpstreamError};
 pub struct ProxyState {
     pub upstream: Arc<dyn Upstream>,
     pub lifecycle: Lifecycle,
+    /// Local forwards of published ports, when the engine is remote.
+    pub ports: Option<Arc<PortForwards>>,
 }
 
 pub async fn handle(
@@ -34,6 +37,8 @@ pub async fn handle(
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let route = classify(request.method(), request.uri().path());
+    let started = container_started(request.method(), request.uri().path()).map(str::to_string);
+    let stopped = container_stopped(request.method(), request.uri().path()).map(str::to_string);
     let method = request.method().clone();
     // Only HTTP/1.1 can upgrade; hyper ignores `Upgrade` on HTTP/1.0 too.
     let upgrade =
@@ -61,6 +66,18 @@ pub async fn handle(
         };
         let span = tracing::debug_span!("hijack", route = route.name());
         state.lifecycle.spawn(relay(client_side, upstream_side, watch).instrument(span));
+    }
+
+    // A started container's ports answer here before the client hears
+    // "started"; a stopped one's close at once (events would be later).
+    if let Some(ports) = &state.ports {
+        let done = head.status.is_success() || head.status == StatusCode::NOT_MODIFIED;
+        if let (Some(container), true) = (started.as_deref(), done) {
+            ports.sync(container).await;
+        }
+        if let (Some(container), true) = (stopped.as_deref(), done) {
+            ports.remove(container);
+        }
     }
 
     // The engine answers a hijack without `Upgrade` close-delimited; hyper

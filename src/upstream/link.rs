@@ -99,6 +99,30 @@ impl Upstream for LinkUpstream {
     fn describe(&self) -> &str {
         &self.inner.described
     }
+
+    fn forwards_ports(&self) -> bool {
+        true
+    }
+
+    fn open_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let link = inner.link().await.map_err(|e| io::Error::other(e.user_message()))?;
+            let request = Request::connect(format!("127.0.0.1:{port}"))
+                .body(body::empty())
+                .map_err(io::Error::other)?;
+            let mut sender = link.sender;
+            let mut response = sender.send_request(request).await.map_err(io::Error::other)?;
+            if response.status() != StatusCode::OK {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("the agent refused the forward to port {port}: {}", response.status()),
+                ));
+            }
+            let upgraded = hyper::upgrade::on(&mut response).await.map_err(io::Error::other)?;
+            Ok(Box::new(TokioIo::new(upgraded)) as BoxedIo)
+        })
+    }
 }
 
 impl Inner {
@@ -287,8 +311,12 @@ fn link_uri(path_and_query: &str) -> Uri {
 
 /// HTTP/2 has no hop-by-hop headers and carries the authority itself.
 fn to_link_request(mut request: Request<Body>) -> Request<Body> {
-    let path = request.uri().path_and_query().map(|pq| pq.as_str().to_string()).unwrap_or_else(|| "/".into());
-    *request.uri_mut() = link_uri(&path);
+    // CONNECT names its target in the URI (authority form): keep it.
+    if request.method() != Method::CONNECT {
+        let path =
+            request.uri().path_and_query().map(|pq| pq.as_str().to_string()).unwrap_or_else(|| "/".into());
+        *request.uri_mut() = link_uri(&path);
+    }
     *request.version_mut() = http::Version::HTTP_2;
     let headers = request.headers_mut();
     strip_hop_by_hop(headers);

@@ -75,6 +75,19 @@ pub trait Upstream: Send + Sync + 'static {
 
     /// The upstream as the user named it, for messages.
     fn describe(&self) -> &str;
+
+    /// Whether published ports live on another machine and need local
+    /// forwards (true for the agent link; the engine on this machine already
+    /// serves its ports here).
+    fn forwards_ports(&self) -> bool {
+        false
+    }
+
+    /// A byte stream to `port` on the remote's loopback (a forwarded connection).
+    fn open_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
+        let _ = port;
+        Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this upstream forwards no ports")) })
+    }
 }
 
 /// Walks an error's source chain into one line ("a: b: c").

@@ -139,6 +139,39 @@ impl Drop for AgentProcess {
     }
 }
 
+/// A network namespace of the test's own (loopback up), deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        // Namespace names are short; keep them unique per process and test.
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let name = format!("offt-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        for args in
+            [vec!["netns", "add", &name], vec!["netns", "exec", &name, "ip", "link", "set", "lo", "up"]]
+        {
+            let status = Command::new("ip").args(&args).status().expect("ip");
+            assert!(status.success(), "ip {args:?} failed (tests need root and iproute2)");
+        }
+        NetNs { name }
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
 /// `offload certs init` into `dir`, for a TLS link on loopback.
 pub fn make_certs(dir: &Path) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_offload"));
@@ -159,9 +192,36 @@ impl Proxy {
     }
 
     pub fn spawn_at(dir: tempfile::TempDir, socket: PathBuf, extra: &[&str]) -> Proxy {
+        Proxy::spawn_with(Command::new(env!("CARGO_BIN_EXE_offload")), dir, socket, extra)
+    }
+
+    /// A proxy running inside `netns`, linked to an agent on this machine
+    /// through a unix socket: the only way one machine can play both sides of
+    /// a port forward (the remote's loopback and the local one would collide).
+    pub fn start_in_netns(netns: &NetNs) -> Proxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("offload.sock");
+        let agent_socket = dir.path().join("agent.sock");
+        let state = dir.path().join("agent-state").display().to_string();
+        let listen = format!("unix://{}", agent_socket.display());
+        let (agent, url) = AgentProcess::start(
+            dir.path(),
+            &["--listen".into(), listen, "--insecure".into(), "--state-dir".into(), state],
+        );
+        let mut proxy = Proxy::spawn_with(
+            netns.command(env!("CARGO_BIN_EXE_offload")),
+            dir,
+            socket,
+            &["--remote", &url, "--insecure"],
+        );
+        proxy.guards.push(Box::new(agent));
+        proxy
+    }
+
+    fn spawn_with(mut command: Command, dir: tempfile::TempDir, socket: PathBuf, extra: &[&str]) -> Proxy {
         let log = dir.path().join("proxy.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_offload"))
+        let child = command
             .arg("proxy")
             .arg("--listen")
             .arg(format!("unix://{}", socket.display()))

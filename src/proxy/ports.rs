@@ -1,0 +1,271 @@
+//! Published ports answer on this machine: for every running container with
+//! published TCP ports, a local listener on the same port number, each
+//! accepted connection one tunnel over the link to the remote's loopback.
+//!
+//! Forwards are opened when a start through this proxy succeeds (before the
+//! start response goes back, so a client connecting right after `docker run
+//! -d` never sees a refusal), and kept true by a background watch of the
+//! engine's events (restart policies, other clients, Compose).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header::HeaderName, HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Limited};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::body;
+use crate::docker::ports::{published, Published};
+use crate::lifecycle::Lifecycle;
+use crate::link::protocol::BACKGROUND;
+use crate::splice::splice;
+use crate::upstream::Upstream;
+
+/// How often a listener whose port is taken locally is tried again.
+const RETRY_TAKEN_PORT: Duration = Duration::from_secs(2);
+
+pub struct PortForwards {
+    upstream: Arc<dyn Upstream>,
+    lifecycle: Lifecycle,
+    /// Where ports published without an address listen (`--publish-address`).
+    default_address: IpAddr,
+    forwards: Mutex<HashMap<String, Vec<Forward>>>,
+    /// Wakes the event watch when the first forward appears.
+    wanted: Notify,
+}
+
+struct Forward {
+    port: u16,
+    /// The container's name, so requests that name it find its forwards.
+    container: String,
+    stop: CancellationToken,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl PortForwards {
+    pub fn new(upstream: Arc<dyn Upstream>, lifecycle: Lifecycle, default_address: IpAddr) -> Arc<Self> {
+        let forwards = Arc::new(Self {
+            upstream,
+            lifecycle: lifecycle.clone(),
+            default_address,
+            forwards: Mutex::new(HashMap::new()),
+            wanted: Notify::new(),
+        });
+        lifecycle.spawn(forwards.clone().watch_events());
+        forwards
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Forward>>> {
+        self.forwards.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes the forwards of one container match its real bindings.
+    pub async fn sync(&self, container: &str) {
+        let inspect = match self.get_json(&format!("/containers/{container}/json")).await {
+            Some(inspect) => inspect,
+            None => return,
+        };
+        let id = inspect["Id"].as_str().unwrap_or(container).to_string();
+        let running = inspect["State"]["Running"].as_bool() == Some(true);
+        let ports: Vec<Published> = if running { published(&inspect) } else { Vec::new() };
+        let ports: Vec<Published> = ports.into_iter().filter(|p| p.protocol == "tcp").collect();
+        let mut table = self.table();
+        let existing: Vec<u16> =
+            table.get(&id).map(|f| f.iter().map(|f| f.port).collect()).unwrap_or_default();
+        let wanted: Vec<u16> = ports.iter().map(|p| p.host_port).collect();
+        if existing == wanted {
+            return;
+        }
+        table.remove(&id);
+        if ports.is_empty() {
+            return;
+        }
+        let name = inspect["Name"].as_str().unwrap_or("").trim_start_matches('/').to_string();
+        let mut opened = Vec::new();
+        for port in ports {
+            let address = self.listen_address(&port.requested_address);
+            let stop = self.lifecycle.token.child_token();
+            self.open(SocketAddr::new(address, port.host_port), name.clone(), stop.clone());
+            opened.push(Forward { port: port.host_port, container: name.clone(), stop });
+        }
+        table.insert(id, opened);
+        self.wanted.notify_one();
+    }
+
+    /// Closes the forwards of a container (by id, id prefix or name), e.g.
+    /// after a stop, kill or remove through this proxy.
+    pub fn remove(&self, container: &str) {
+        if container.is_empty() {
+            return;
+        }
+        self.table().retain(|id, forwards| {
+            !(id.starts_with(container) || forwards.first().is_some_and(|f| f.container == container))
+        });
+    }
+
+    fn listen_address(&self, requested: &str) -> IpAddr {
+        match requested.parse::<IpAddr>() {
+            Ok(address) => address,
+            Err(_) => self.default_address,
+        }
+    }
+
+    /// Binds synchronously when it can (so the start response only goes back
+    /// once the port answers), else keeps retrying in the background.
+    fn open(&self, address: SocketAddr, container: String, stop: CancellationToken) {
+        let listener = std::net::TcpListener::bind(address)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(TcpListener::from_std);
+        let upstream = self.upstream.clone();
+        let lifecycle = self.lifecycle.clone();
+        let task = async move {
+            let listener = match listener {
+                Ok(listener) => listener,
+                Err(error) => match retry_bind(address, &container, error, &stop).await {
+                    Some(listener) => listener,
+                    None => return,
+                },
+            };
+            tracing::info!(%address, %container, "port forward open");
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut local, peer)) = accepted else { continue };
+                let _ = local.set_nodelay(true);
+                let upstream = upstream.clone();
+                let port = address.port();
+                lifecycle.spawn(async move {
+                    match upstream.open_tunnel(port).await {
+                        Ok(mut remote) => {
+                            if let Err(error) = splice(&mut local, &mut remote).await {
+                                tracing::debug!(%peer, port, %error, "forwarded connection aborted");
+                            }
+                        }
+                        Err(error) => tracing::warn!(%peer, port, %error, "cannot forward a connection"),
+                    }
+                });
+            }
+            tracing::info!(%address, %container, "port forward closed");
+        };
+        self.lifecycle.spawn(task);
+    }
+
+    async fn get_json(&self, path: &str) -> Option<serde_json::Value> {
+        let mut request = Request::new(body::empty());
+        *request.method_mut() = Method::GET;
+        *request.uri_mut() = path.parse().ok()?;
+        request.headers_mut().insert(HeaderName::from_static(BACKGROUND), HeaderValue::from_static("1"));
+        let exchange = self.upstream.send(request).await.ok()?;
+        if !exchange.response.status().is_success() {
+            return None;
+        }
+        let bytes = Limited::new(exchange.response.into_body(), 16 << 20).collect().await.ok()?.to_bytes();
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Follows the engine's container events while any forward exists, and
+    /// reconciles with the running containers after every (re)connect.
+    async fn watch_events(self: Arc<Self>) {
+        loop {
+            while self.table().is_empty() {
+                tokio::select! {
+                    _ = self.lifecycle.token.cancelled() => return,
+                    _ = self.wanted.notified() => {}
+                }
+            }
+            self.reconcile().await;
+            self.follow_events().await;
+            tokio::select! {
+                _ = self.lifecycle.token.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn reconcile(&self) {
+        let Some(running) = self.get_json("/containers/json").await else { return };
+        let ids: Vec<String> = running
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["Id"].as_str().map(str::to_string))
+            .collect();
+        self.table().retain(|id, _| ids.contains(id));
+        for id in ids {
+            self.sync(&id).await;
+        }
+    }
+
+    async fn follow_events(&self) {
+        let mut request = Request::new(body::empty());
+        let filter = "/events?filters=%7B%22type%22%3A%5B%22container%22%5D%7D";
+        *request.uri_mut() = http::Uri::from_static(filter);
+        request.headers_mut().insert(HeaderName::from_static(BACKGROUND), HeaderValue::from_static("1"));
+        let Ok(exchange) = self.upstream.send(request).await else { return };
+        let mut events = exchange.response.into_body();
+        let mut pending = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                _ = self.lifecycle.token.cancelled() => return,
+                frame = events.frame() => frame,
+            };
+            let Some(Ok(frame)) = frame else { return };
+            let Ok(data) = frame.into_data() else { continue };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                self.on_event(Bytes::from(line)).await;
+            }
+            if self.table().is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn on_event(&self, line: Bytes) {
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(&line) else { return };
+        let id = event["id"].as_str().unwrap_or_default();
+        match event["Action"].as_str().unwrap_or_default() {
+            "start" | "restart" | "unpause" => self.sync(id).await,
+            // `remove` ignores an empty id.
+            "die" | "stop" | "kill" | "pause" | "destroy" => self.remove(id),
+            _ => {}
+        }
+    }
+}
+
+async fn retry_bind(
+    address: SocketAddr,
+    container: &str,
+    error: std::io::Error,
+    stop: &CancellationToken,
+) -> Option<TcpListener> {
+    tracing::warn!(
+        %address, container, %error,
+        "cannot listen for a published port (taken on this machine?); retrying until it frees up"
+    );
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(RETRY_TAKEN_PORT) => {}
+        }
+        if let Ok(listener) = TcpListener::bind(address).await {
+            return Some(listener);
+        }
+    }
+}
+
+/// The default local address for ports published without one.
+pub const DEFAULT_PUBLISH_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
