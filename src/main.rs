@@ -78,15 +78,8 @@ struct AgentArgs {
     /// The engine: unix:///var/run/docker.sock, tcp://host:port or tls://host:port
     #[arg(long, default_value = "unix:///var/run/docker.sock", value_parser = EngineAddress::parse)]
     docker: EngineAddress,
-    /// CA that proxies' client certificates must chain to
-    #[arg(long)]
-    tlscacert: Option<PathBuf>,
-    /// The agent's certificate
-    #[arg(long)]
-    tlscert: Option<PathBuf>,
-    /// The agent's private key
-    #[arg(long)]
-    tlskey: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// How long open streams may continue after SIGINT/SIGTERM
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
@@ -134,18 +127,33 @@ struct ProxyArgs {
     /// The command ssh runs on the remote host
     #[arg(long, default_value = "offload agent --stdio")]
     remote_command: String,
-    /// CA certificate that the engine's (or agent's) certificate must chain to
-    #[arg(long)]
-    tlscacert: Option<PathBuf>,
-    /// Client certificate presented to the engine or agent
-    #[arg(long)]
-    tlscert: Option<PathBuf>,
-    /// Client private key
-    #[arg(long)]
-    tlskey: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// How long open streams may continue after SIGINT/SIGTERM
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+}
+
+/// Docker's TLS flags. The proxy presents `--tlscert`/`--tlskey` and pins
+/// `--tlscacert`; the agent presents its own pair and requires client
+/// certificates signed by `--tlscacert`.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// CA certificate: the proxy pins the remote to it; the agent requires clients signed by it
+    #[arg(long)]
+    tlscacert: Option<PathBuf>,
+    /// This side's certificate
+    #[arg(long)]
+    tlscert: Option<PathBuf>,
+    /// This side's private key
+    #[arg(long)]
+    tlskey: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> TlsFiles {
+        TlsFiles { ca: self.tlscacert.clone(), cert: self.tlscert.clone(), key: self.tlskey.clone() }
+    }
 }
 
 fn parse_unix_listen(text: &str) -> Result<PathBuf, String> {
@@ -204,7 +212,7 @@ fn certs_init(args: CertsInitArgs) -> Result<(), String> {
 }
 
 async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
-    let tls = TlsFiles { ca: args.tlscacert, cert: args.tlscert, key: args.tlskey };
+    let tls = args.tls.files();
     let upstream: Arc<dyn Upstream> = match args.remote {
         Some(remote) => {
             check_plain(&remote, args.insecure)?;
@@ -246,7 +254,7 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
     if !private_unix {
         check_plain(&listen, args.insecure)?;
     }
-    let tls = TlsFiles { ca: args.tlscacert, cert: args.tlscert, key: args.tlskey };
+    let tls = args.tls.files();
     let (listener, shown, socket_file) = agent_listener(&listen, &tls).await?;
     let pid_file = args.resident.then(|| state_dir.join("agent.pid"));
     if let Some(pid_file) = &pid_file {

@@ -6,7 +6,7 @@
 mod support;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 
@@ -49,17 +49,6 @@ fn host_port(proxy: &Proxy, container: &str, port: &str) -> u16 {
 
 fn short_id(proxy: &Proxy, container: &str) -> String {
     docker(proxy, &["inspect", "--format", "{{.Config.Hostname}}", container]).trim().to_string()
-}
-
-fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    done()
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::delay::DelayRelay;
 use support::*;
@@ -40,18 +40,6 @@ fn engine_has(kind: &str, name: &str) -> bool {
     let mut command = engine();
     command.args([kind, "inspect", name]).stdout(Stdio::null()).stderr(Stdio::null());
     command.status().map(|s| s.success()).unwrap_or(false)
-}
-
-/// Polls until `done` holds or `limit` passes; returns whether it held.
-fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    done()
 }
 
 fn status(proxy: &Proxy) -> serde_json::Value {

@@ -273,7 +273,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
+/// A TCP connection with a deadline and Nagle off (small interactive frames).
+pub async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;

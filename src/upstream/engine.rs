@@ -21,10 +21,8 @@ use tokio_rustls::TlsConnector;
 use super::address::EngineAddress;
 use super::{error_chain, BoxFuture, BoxedIo, Exchange, FailureKind, Upstream, UpstreamError};
 use crate::body::{self, Body};
+use crate::link::transport::tcp_connect;
 use crate::tls::{self, TlsError, TlsFiles};
-
-/// How long to wait for a TCP connection to the engine before giving up.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the pooled client thinks it connects; the connector ignores it.
 const POOL_ORIGIN: &str = "http://api.moby.localhost";
@@ -132,14 +130,6 @@ async fn connect(address: &EngineAddress, tls: Option<TlsConnector>) -> io::Resu
             Ok(EngineStream::Tls(Box::new(stream)))
         }
     }
-}
-
-async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 /// One connection to the engine, whatever the transport.

@@ -488,6 +488,18 @@ impl Drop for Cleanup {
     }
 }
 
+/// Polls until `done` holds or `limit` passes; returns whether it held.
+pub fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    done()
+}
+
 /// Sends raw bytes on a fresh connection and reads until the peer closes (or `limit`).
 pub fn raw_exchange(socket: &Path, request: &[u8], limit: Duration) -> Vec<u8> {
     let mut stream = UnixStream::connect(socket).expect("connect");
