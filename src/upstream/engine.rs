@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::{Request, StatusCode, Uri};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
@@ -42,8 +42,13 @@ impl EngineUpstream {
         };
         let described = address.to_string();
         let connector = EngineConnector { address: Arc::new(address), tls };
+        // Idle engine connections are closed after a while and bounded in
+        // number: a burst of long requests must not pin its peak forever
+        // (the idle reaper only runs with a timer).
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(16)
             .http1_title_case_headers(true)
             .build(connector);
         Ok(Self { client, described })

@@ -1,0 +1,2627 @@
+//! Benchmark harness for the link between the halves: `offload proxy` talking to a
+//! remote `offload agent` over one HTTP/2 connection (mutual TLS, or ssh stdio).
+//!
+//! Everything runs on this machine, side by side and interleaved round by round, each
+//! figure next to its baseline: the engine's own socket, Docker's own `ssh://`
+//! transport, or an `ssh -L` forward. WAN latency comes from the tests' delay relay
+//! (`tests/support/delay.rs`; this kernel has no netem), and the round trip it adds is
+//! measured in the same run with a TCP ping-pong through an identical relay. See
+//! `benches/README.md` ("Link benchmark") for what each row means.
+//!
+//! Run with `cargo bench --bench link`. Without `--bench` (when `cargo test
+//! --all-targets` runs this target) it only prints how to run it.
+
+#[allow(dead_code)] // the relay can also cut and freeze links; the bench only delays
+#[path = "../tests/support/delay.rs"]
+mod delay;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::fmt::Display;
+use std::future::Future;
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use delay::DelayRelay;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// Host header for every request: the engine ignores it, HTTP/1.1 requires one.
+const API_HOST: &str = "docker";
+/// Label on every container the bench creates; its value is the bench's pid, so a
+/// later run can tell leftovers of a killed run from containers of a live one.
+const LABEL: &str = "offload-link-bench.pid";
+/// Prefix of the bench's temporary directory, followed by the bench's pid.
+const TEMP_PREFIX: &str = "offload-link-bench-";
+const DEFAULT_IMAGE: &str = "offload-test/busybox:latest";
+const DOCKER_CLI: &str = "/usr/local/bin/docker";
+const SSHD_CANDIDATES: &[&str] = &["/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd"];
+/// `ssh` config host names: straight to the bench's sshd, or through the delay relay.
+const SSH_LOOPBACK: &str = "offload-bench-lo";
+const SSH_WAN: &str = "offload-bench-wan";
+/// The cipher of the `ssh -L` baseline and of the ssh-stdio link (the fastest one
+/// OpenSSH has on this CPU; the default chacha20-poly1305 is slower).
+const SSH_CIPHER: &str = "aes128-gcm@openssh.com";
+/// Name of the one file inside the uploaded tar.
+const BULK_FILE: &str = "offload-link-bench.bin";
+/// Size of each chunk of an upload body (the docker CLI copies with 32 KiB buffers).
+const UPLOAD_CHUNK: usize = 64 * 1024;
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+type Result<T> = std::result::Result<T, BoxError>;
+
+/// `anyhow`-style context without the dependency.
+trait Context<T> {
+    fn context(self, what: impl Display) -> Result<T>;
+}
+
+impl<T, E: Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl Display) -> Result<T> {
+        self.map_err(|err| format!("{what}: {err}").into())
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Section {
+    Ps,
+    Latency,
+    Bulk,
+    Echo,
+    Parallel,
+}
+
+impl Section {
+    const ALL: [Section; 5] =
+        [Section::Ps, Section::Latency, Section::Bulk, Section::Echo, Section::Parallel];
+
+    fn parse(name: &str) -> Result<Section> {
+        match name {
+            "ps" => Ok(Section::Ps),
+            "latency" => Ok(Section::Latency),
+            "bulk" => Ok(Section::Bulk),
+            "echo" => Ok(Section::Echo),
+            "parallel" => Ok(Section::Parallel),
+            other => {
+                Err(format!("unknown section {other:?} (expected ps, latency, bulk, echo or parallel)")
+                    .into())
+            }
+        }
+    }
+}
+
+struct Config {
+    binary: PathBuf,
+    /// Whether this `offload agent` takes `--state-dir` (session records; without it a
+    /// root agent writes them to /var/lib/offload/agent).
+    state_dir_flag: bool,
+    engine: PathBuf,
+    image: String,
+    sections: Vec<Section>,
+    /// Round trip the delay relay adds.
+    rtt: Duration,
+    /// docker ps: measured and discarded rounds (one run of each variant per round).
+    ps_rounds: usize,
+    ps_warmup: usize,
+    /// Latency: rounds, warm-up rounds, sequential requests per path per variant.
+    rounds: usize,
+    warmup_rounds: usize,
+    requests: usize,
+    /// Bulk: payload per upload, rounds, warm-up payload.
+    bulk_mib: u64,
+    bulk_rounds: usize,
+    bulk_warmup_mib: u64,
+    /// Echo: the upload that loads the link, the idle run's length, the interval.
+    load_mib: u64,
+    echo_secs: u64,
+    echo_interval: Duration,
+    /// Parallel: requests in flight at once, rounds.
+    parallel: usize,
+    parallel_rounds: usize,
+    timeout: Duration,
+    strict: bool,
+}
+
+impl Config {
+    fn from_env(args: &[String]) -> Result<Config> {
+        let binary = match std::env::var("OFFLOAD_LINK_BENCH_BINARY") {
+            Ok(path) if !path.is_empty() => PathBuf::from(path),
+            _ => PathBuf::from(env!("CARGO_BIN_EXE_offload")),
+        };
+        let state_dir_flag = Command::new(&binary)
+            .args(["agent", "--help"])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).contains("--state-dir"))
+            .context(format!("running {} agent --help", binary.display()))?;
+        let config = Config {
+            binary,
+            state_dir_flag,
+            engine: PathBuf::from(env_or("OFFLOAD_LINK_BENCH_ENGINE", "/var/run/docker.sock".to_string())?),
+            image: env_or("OFFLOAD_LINK_BENCH_IMAGE", DEFAULT_IMAGE.to_string())?,
+            sections: sections(args)?,
+            rtt: Duration::from_millis(env_or("OFFLOAD_LINK_BENCH_RTT_MS", 20)?),
+            ps_rounds: env_or("OFFLOAD_LINK_BENCH_PS_ROUNDS", 15)?,
+            ps_warmup: env_or("OFFLOAD_LINK_BENCH_PS_WARMUP", 2)?,
+            rounds: env_or("OFFLOAD_LINK_BENCH_ROUNDS", 5)?,
+            warmup_rounds: env_or("OFFLOAD_LINK_BENCH_WARMUP_ROUNDS", 1)?,
+            requests: env_or("OFFLOAD_LINK_BENCH_REQUESTS", 1000)?,
+            bulk_mib: env_or("OFFLOAD_LINK_BENCH_BULK_MIB", 1024)?,
+            bulk_rounds: env_or("OFFLOAD_LINK_BENCH_BULK_ROUNDS", 3)?,
+            bulk_warmup_mib: env_or("OFFLOAD_LINK_BENCH_BULK_WARMUP_MIB", 64)?,
+            load_mib: env_or("OFFLOAD_LINK_BENCH_LOAD_MIB", 1024)?,
+            echo_secs: env_or("OFFLOAD_LINK_BENCH_ECHO_SECS", 5)?,
+            echo_interval: Duration::from_millis(env_or("OFFLOAD_LINK_BENCH_ECHO_INTERVAL_MS", 10)?),
+            parallel: env_or("OFFLOAD_LINK_BENCH_PARALLEL", 64)?,
+            parallel_rounds: env_or("OFFLOAD_LINK_BENCH_PARALLEL_ROUNDS", 10)?,
+            timeout: Duration::from_secs(env_or("OFFLOAD_LINK_BENCH_TIMEOUT_S", 900)?),
+            strict: env_or("OFFLOAD_LINK_BENCH_STRICT", 0u8)? != 0,
+        };
+        let positive = [
+            ("OFFLOAD_LINK_BENCH_RTT_MS", config.rtt.as_millis() as u64),
+            ("OFFLOAD_LINK_BENCH_PS_ROUNDS", config.ps_rounds as u64),
+            ("OFFLOAD_LINK_BENCH_ROUNDS", config.rounds as u64),
+            ("OFFLOAD_LINK_BENCH_REQUESTS", config.requests as u64),
+            ("OFFLOAD_LINK_BENCH_BULK_MIB", config.bulk_mib),
+            ("OFFLOAD_LINK_BENCH_BULK_ROUNDS", config.bulk_rounds as u64),
+            ("OFFLOAD_LINK_BENCH_LOAD_MIB", config.load_mib),
+            ("OFFLOAD_LINK_BENCH_ECHO_SECS", config.echo_secs),
+            ("OFFLOAD_LINK_BENCH_ECHO_INTERVAL_MS", config.echo_interval.as_millis() as u64),
+            ("OFFLOAD_LINK_BENCH_PARALLEL", config.parallel as u64),
+            ("OFFLOAD_LINK_BENCH_PARALLEL_ROUNDS", config.parallel_rounds as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1").into());
+            }
+        }
+        Ok(config)
+    }
+
+    fn runs(&self, section: Section) -> bool {
+        self.sections.contains(&section)
+    }
+
+    fn rtt_ms(&self) -> u128 {
+        self.rtt.as_millis()
+    }
+}
+
+fn env_or<T: FromStr>(name: &str, default: T) -> Result<T>
+where
+    T::Err: Display,
+{
+    match std::env::var(name) {
+        Ok(text) => text.trim().parse().context(format!("{name}={text:?} is not valid")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Sections come from positional arguments (`cargo bench --bench link -- ps echo`) or
+/// `OFFLOAD_LINK_BENCH_ONLY=ps,echo`; all of them when neither is given.
+fn sections(args: &[String]) -> Result<Vec<Section>> {
+    let from_env = std::env::var("OFFLOAD_LINK_BENCH_ONLY").unwrap_or_default();
+    let names: Vec<&str> = args
+        .iter()
+        .filter(|arg| !arg.starts_with('-'))
+        .map(String::as_str)
+        .chain(from_env.split(',').map(str::trim))
+        .filter(|name| !name.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Ok(Section::ALL.to_vec());
+    }
+    names.into_iter().map(Section::parse).collect()
+}
+
+// ---------------------------------------------------------------------------------
+// Entry point
+// ---------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|arg| arg == "--bench") {
+        println!("link bench: skipped; run it with `cargo bench --bench link`");
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::from_env(&args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("link bench: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Two workers (this box has two cores): uploads and their connections run on
+    // them while the main thread times echoes. Child processes are spawned from the
+    // main thread only, so their parent-death signal fires only when the bench exits.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building a tokio runtime");
+
+    let mut report = Report::default();
+    let outcome = runtime.block_on(run_bounded(&config, &mut report));
+    report.print(&config);
+    // Connection tasks of the null engine and of clients may still be parked.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match outcome {
+        Err(err) => {
+            eprintln!("\nlink bench FAILED: {err}");
+            ExitCode::FAILURE
+        }
+        Ok(()) if config.strict && report.missed() > 0 => ExitCode::from(2),
+        Ok(()) => ExitCode::SUCCESS,
+    }
+}
+
+/// Runs the bench under the global time limit and Ctrl-C. Whichever ends it, the
+/// `run` future is dropped here, and with it every guard (processes, relays,
+/// containers, temporary directory).
+async fn run_bounded(config: &Config, report: &mut Report) -> Result<()> {
+    tokio::select! {
+        outcome = tokio::time::timeout(config.timeout, run(config, report)) => {
+            outcome.map_err(|_| format!(
+                "the run took longer than OFFLOAD_LINK_BENCH_TIMEOUT_S={}",
+                config.timeout.as_secs()
+            ))?
+        }
+        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+    }
+}
+
+async fn run(config: &Config, report: &mut Report) -> Result<()> {
+    report.note(format!("offload binary: {}", config.binary.display()));
+    report.note(format!("load average at the start: {}", load_average()));
+    describe_engine(&config.engine, report).await?;
+    ensure_image(&config.engine, &config.image).await?;
+    sweep_leftovers(&config.engine).await?;
+    sweep_temp_dirs();
+
+    let mut rig = Rig::start(config).await?;
+    report.note(format!(
+        "link: offload proxy -> TLS (ALPN h2, mutual) -> offload agent -> {}; \
+         at {} ms the proxy dials the agent through a delay relay",
+        config.engine.display(),
+        config.rtt_ms()
+    ));
+    let rtt = measure_rtt(config.rtt).await?;
+    report.rtt_row(config, &rtt);
+    let rtt_ms = rtt.relay.p50 / 1e6;
+
+    let outcome = run_sections(config, &rig, rtt_ms, report).await;
+    if let Err(err) = outcome {
+        return Err(format!("{err}{}", rig.post_mortem()).into());
+    }
+    rig.stop_all(report);
+    Ok(())
+}
+
+async fn run_sections(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report) -> Result<()> {
+    if config.runs(Section::Ps) {
+        ps_phase(config, rig, rtt_ms, report).await?;
+    }
+    if config.runs(Section::Latency) {
+        latency_phase(config, rig, report).await?;
+    }
+    if config.runs(Section::Parallel) {
+        parallel_phase(config, rig, rtt_ms, report).await?;
+    }
+    if config.runs(Section::Echo) {
+        echo_phase(config, rig, rtt_ms, report).await?;
+    }
+    if config.runs(Section::Bulk) {
+        bulk_phase(config, rig, report).await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// The rig: certificates, agents, proxies, relays, sshd, ssh -L, a null engine
+// ---------------------------------------------------------------------------------
+
+/// Everything the bench starts. Fields drop in declaration order: clients of a
+/// process stop before it (proxies before agents, ssh before sshd), and the
+/// temporary directory that holds sockets, keys and logs goes last.
+struct Rig {
+    /// Proxy over the ssh-stdio link to an agent on the null engine (bulk).
+    proxy_ssh_null: Option<Daemon>,
+    /// The resident agent that `offload agent --stdio` starts behind ssh.
+    resident: Option<ResidentAgent>,
+    /// `ssh -L` forwards to the engine and to the null engine (bulk baseline).
+    ssh_forward: Option<SshForward>,
+    /// Proxy over TLS through the delay relay (docker ps, echo, parallel).
+    proxy_wan: Option<Daemon>,
+    /// Proxy over TLS on loopback, to the real engine and to the null engine.
+    proxy_lo: Option<Daemon>,
+    proxy_lo_null: Option<Daemon>,
+    relay_agent: Option<DelayRelay>,
+    relay_ssh: Option<DelayRelay>,
+    agent: Daemon,
+    agent_null: Option<Daemon>,
+    null_engine: Option<NullEngine>,
+    sshd: Option<Sshd>,
+    paths: RigPaths,
+    /// Holds sockets, keys, configs and logs; removed when dropped.
+    _dir: tempfile::TempDir,
+}
+
+struct RigPaths {
+    /// A directory put first in PATH for the docker CLI: its `ssh` adds `-F config`.
+    ssh_wrapper_dir: PathBuf,
+    docker_config: PathBuf,
+}
+
+impl Rig {
+    async fn start(config: &Config) -> Result<Rig> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let root = dir.path().to_path_buf();
+        let certs = root.join("certs");
+        make_certs(&config.binary, &certs)?;
+        let paths = RigPaths { ssh_wrapper_dir: root.join("bin"), docker_config: root.join("docker-config") };
+        std::fs::create_dir_all(&paths.docker_config).context("creating the docker config dir")?;
+
+        let wants = |sections: &[Section]| sections.iter().any(|s| config.runs(*s));
+        let need_wan = wants(&[Section::Ps, Section::Echo, Section::Parallel]);
+        let need_lo = wants(&[Section::Ps, Section::Latency, Section::Bulk]);
+        let need_bulk = config.runs(Section::Bulk);
+        let need_sshd = wants(&[Section::Ps, Section::Bulk]);
+
+        let engine_url = format!("unix://{}", config.engine.display());
+        let agent = Daemon::agent(config, &root, "agent", &engine_url).await?;
+        let mut rig = Rig {
+            proxy_ssh_null: None,
+            resident: None,
+            ssh_forward: None,
+            proxy_wan: None,
+            proxy_lo: None,
+            proxy_lo_null: None,
+            relay_agent: None,
+            relay_ssh: None,
+            agent,
+            agent_null: None,
+            null_engine: None,
+            sshd: None,
+            paths,
+            _dir: dir,
+        };
+        let agent_addr = rig.agent.listen_addr()?;
+        if need_lo {
+            let proxy = Daemon::tls_proxy(config, &root, "proxy-lo", agent_addr, &certs).await?;
+            rig.proxy_lo = Some(proxy);
+        }
+        if need_wan {
+            let relay = start_relay(agent_addr, config.rtt)?;
+            let proxy = Daemon::tls_proxy(config, &root, "proxy-wan", relay.addr, &certs).await?;
+            rig.relay_agent = Some(relay);
+            rig.proxy_wan = Some(proxy);
+        }
+        if need_sshd {
+            let sshd = Sshd::start(&root).await?;
+            let relay = start_relay(sshd.addr, config.rtt)?;
+            sshd.write_client_config(relay.addr)?;
+            write_ssh_wrapper(&rig.paths.ssh_wrapper_dir, &sshd.client_config)?;
+            rig.relay_ssh = Some(relay);
+            rig.sshd = Some(sshd);
+        }
+        if need_bulk {
+            let null = NullEngine::start(&root.join("null-engine.sock")).await?;
+            let null_url = format!("unix://{}", null.path.display());
+            let agent_null = Daemon::agent(config, &root, "agent-null", &null_url).await?;
+            let proxy =
+                Daemon::tls_proxy(config, &root, "proxy-lo-null", agent_null.listen_addr()?, &certs).await?;
+            rig.null_engine = Some(null);
+            rig.agent_null = Some(agent_null);
+            rig.proxy_lo_null = Some(proxy);
+            let sshd = rig.sshd.as_ref().ok_or("sshd is not running")?;
+            let forward =
+                SshForward::start(&root, sshd, &config.engine, &root.join("null-engine.sock")).await?;
+            rig.ssh_forward = Some(forward);
+            let mut remote_command = format!(
+                "{} agent --stdio --docker unix://{}",
+                config.binary.display(),
+                root.join("null-engine.sock").display()
+            );
+            if config.state_dir_flag {
+                let state_dir = root.join("state-ssh");
+                remote_command.push_str(&format!(" --state-dir {}", state_dir.display()));
+                rig.resident = Some(ResidentAgent { state_dir });
+            }
+            let proxy = Daemon::ssh_proxy(config, &root, "proxy-ssh-null", sshd, &remote_command).await?;
+            rig.proxy_ssh_null = Some(proxy);
+        }
+        Ok(rig)
+    }
+
+    fn proxy_lo(&self) -> Result<&Daemon> {
+        self.proxy_lo.as_ref().ok_or_else(|| "the loopback proxy is not running".into())
+    }
+
+    fn proxy_wan(&self) -> Result<&Daemon> {
+        self.proxy_wan.as_ref().ok_or_else(|| "the WAN proxy is not running".into())
+    }
+
+    fn sshd(&self) -> Result<&Sshd> {
+        self.sshd.as_ref().ok_or_else(|| "sshd is not running".into())
+    }
+
+    /// Which of the bench's processes died, with the tail of their logs.
+    fn post_mortem(&mut self) -> String {
+        let mut text = String::new();
+        let daemons = [
+            self.proxy_ssh_null.as_mut(),
+            self.proxy_wan.as_mut(),
+            self.proxy_lo.as_mut(),
+            self.proxy_lo_null.as_mut(),
+            Some(&mut self.agent),
+            self.agent_null.as_mut(),
+        ];
+        for daemon in daemons.into_iter().flatten() {
+            if let Ok(Some(status)) = daemon.exited() {
+                text.push_str(&format!(
+                    "\n{} exited ({status}); its log:\n{}",
+                    daemon.name,
+                    daemon.log_tail()
+                ));
+            }
+        }
+        text
+    }
+
+    /// Stops the proxies and agents with SIGTERM and reports how they went.
+    fn stop_all(&mut self, report: &mut Report) {
+        let mut outcomes = Vec::new();
+        let daemons = [
+            self.proxy_ssh_null.as_mut(),
+            self.proxy_wan.as_mut(),
+            self.proxy_lo.as_mut(),
+            self.proxy_lo_null.as_mut(),
+            Some(&mut self.agent),
+            self.agent_null.as_mut(),
+        ];
+        let mut all_ok = true;
+        for daemon in daemons.into_iter().flatten() {
+            match daemon.stop() {
+                Ok((took, status)) => {
+                    all_ok &= status.success();
+                    outcomes.push(format!("{} {} ms", daemon.name, took.as_millis()))
+                }
+                Err(err) => {
+                    all_ok = false;
+                    outcomes.push(format!("{}: {err}", daemon.name))
+                }
+            }
+        }
+        report.single("proxies and agents stop on SIGTERM", outcomes.join(", "), "exit 0", Some(all_ok));
+    }
+}
+
+/// `offload certs init` into `dir`, for a TLS link on loopback.
+fn make_certs(binary: &Path, dir: &Path) -> Result<()> {
+    let output = Command::new(binary)
+        .args(["certs", "init", "--host", "127.0.0.1", "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running offload certs init")?;
+    if !output.status.success() {
+        return Err(format!(
+            "offload certs init failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The relay builds its own runtime, which cannot happen on a runtime thread.
+fn start_relay(target: SocketAddr, rtt: Duration) -> Result<DelayRelay> {
+    std::thread::spawn(move || DelayRelay::start(target, rtt))
+        .join()
+        .map_err(|_| "starting the delay relay panicked".into())
+}
+
+/// A command run under `setpriv --pdeathsig`, so that it gets SIGTERM if the bench is
+/// killed outright (SIGKILL, no guard runs). Falls back to a plain command.
+fn guarded_command(program: &Path) -> Command {
+    if Path::new("/usr/bin/setpriv").exists() {
+        let mut command = Command::new("/usr/bin/setpriv");
+        command.args(["--pdeathsig", "TERM", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A long-running child process of the bench (agent, proxy, ssh, sshd); stopped with
+/// SIGTERM (then SIGKILL) on drop, together with any descendants it leaves.
+struct Daemon {
+    name: String,
+    child: Option<Child>,
+    pid: u32,
+    log: PathBuf,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(name: &str, mut command: Command, dir: &Path) -> Result<Daemon> {
+        let log = dir.join(format!("{name}.log"));
+        let output = std::fs::File::create(&log).context(format!("creating {}", log.display()))?;
+        let errors = output.try_clone().context("sharing a log file")?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(output)
+            .stderr(errors)
+            .spawn()
+            .context(format!("starting {name}"))?;
+        Ok(Daemon {
+            name: name.to_string(),
+            pid: child.id(),
+            child: Some(child),
+            log,
+            socket: PathBuf::new(),
+        })
+    }
+
+    /// An agent on a fresh loopback TLS port, in front of `docker`.
+    async fn agent(config: &Config, dir: &Path, name: &str, docker: &str) -> Result<Daemon> {
+        let certs = dir.join("certs");
+        let mut command = guarded_command(&config.binary);
+        command
+            .arg("agent")
+            .args(["--listen", "tls://127.0.0.1:0", "--docker", docker])
+            .arg("--tlscacert")
+            .arg(certs.join("ca.pem"))
+            .arg("--tlscert")
+            .arg(certs.join("server-cert.pem"))
+            .arg("--tlskey")
+            .arg(certs.join("server-key.pem"))
+            .env("RUST_LOG", "info");
+        if config.state_dir_flag {
+            command.arg("--state-dir").arg(dir.join(format!("state-{name}")));
+        }
+        let mut agent = Daemon::spawn(name, command, dir)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !agent.log_text().contains("offload agent ready") {
+            if let Some(status) = agent.exited()? {
+                return Err(
+                    format!("{name} exited ({status}) before it was ready:\n{}", agent.log_tail()).into()
+                );
+            }
+            if Instant::now() > deadline {
+                return Err(
+                    format!("{name} was not ready within {START_TIMEOUT:?}:\n{}", agent.log_tail()).into()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(agent)
+    }
+
+    /// The address from the agent's `offload agent ready listen=tls://...` line.
+    fn listen_addr(&self) -> Result<SocketAddr> {
+        let text = self.log_text();
+        let line = text.lines().find(|line| line.contains("offload agent ready")).ok_or("agent not ready")?;
+        let url = line.split("listen=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap_or("");
+        url.trim_start_matches("tls://").parse().context(format!("agent address in {line:?}"))
+    }
+
+    /// A proxy whose remote is the agent (or a relay in front of it) at `addr`.
+    async fn tls_proxy(
+        config: &Config,
+        dir: &Path,
+        name: &str,
+        addr: SocketAddr,
+        certs: &Path,
+    ) -> Result<Daemon> {
+        let mut command = guarded_command(&config.binary);
+        command
+            .arg("proxy")
+            .arg(format!("--remote=tls://127.0.0.1:{}", addr.port()))
+            .arg("--tlscacert")
+            .arg(certs.join("ca.pem"))
+            .arg("--tlscert")
+            .arg(certs.join("cert.pem"))
+            .arg("--tlskey")
+            .arg(certs.join("key.pem"));
+        Daemon::proxy(name, command, dir).await
+    }
+
+    /// A proxy whose link runs on the stdio of `ssh` to the bench's sshd (no delay).
+    async fn ssh_proxy(
+        config: &Config,
+        dir: &Path,
+        name: &str,
+        sshd: &Sshd,
+        remote_command: &str,
+    ) -> Result<Daemon> {
+        let mut command = guarded_command(&config.binary);
+        command
+            .arg("proxy")
+            .arg(format!("--remote=ssh://{SSH_LOOPBACK}"))
+            .arg("--ssh-arg=-F")
+            .arg(format!("--ssh-arg={}", sshd.client_config.display()))
+            .arg("--ssh-arg=-c")
+            .arg(format!("--ssh-arg={SSH_CIPHER}"))
+            .arg(format!("--remote-command={remote_command}"));
+        Daemon::proxy(name, command, dir).await
+    }
+
+    /// Starts a proxy on `<dir>/<name>.sock` and waits until `/_ping` answers through
+    /// it: the first request opens the link and its session.
+    async fn proxy(name: &str, mut command: Command, dir: &Path) -> Result<Daemon> {
+        let socket = dir.join(format!("{name}.sock"));
+        command.arg(format!("--listen=unix://{}", socket.display())).env("RUST_LOG", "info");
+        let mut proxy = Daemon::spawn(name, command, dir)?;
+        proxy.socket = socket;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = proxy.exited()? {
+                return Err(
+                    format!("{name} exited ({status}) before it was ready:\n{}", proxy.log_tail()).into()
+                );
+            }
+            if proxy.socket.exists() {
+                if let Ok(mut client) = ApiClient::connect(&proxy.socket).await {
+                    if client.get("/_ping").await.is_ok() {
+                        return Ok(proxy);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{name} did not answer /_ping within {START_TIMEOUT:?}:\n{}",
+                    proxy.log_tail()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().context(format!("checking {}", self.name)),
+            None => Ok(None),
+        }
+    }
+
+    /// SIGTERM (by `kill`, no unsafe code needed), then SIGKILL after 5 s; then the
+    /// same for descendants it left behind (sshd's per-connection processes).
+    fn stop(&mut self) -> Result<(Duration, ExitStatus)> {
+        let mut child = self.child.take().ok_or("already stopped")?;
+        let descendants = process_tree(self.pid).into_iter().skip(1).collect::<Vec<_>>();
+        let started = Instant::now();
+        terminate(self.pid);
+        let outcome = loop {
+            if let Some(status) = child.try_wait().context(format!("waiting for {}", self.name))? {
+                break Ok((started.elapsed(), status));
+            }
+            if started.elapsed() > STOP_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!(
+                    "{} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        for pid in descendants {
+            terminate(pid);
+        }
+        outcome.map_err(Into::into)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Err(err) = self.stop() {
+                eprintln!("warning: {err}");
+            }
+        }
+    }
+}
+
+/// The resident agent `offload agent --stdio` starts on first use: in its own process
+/// group, outliving the ssh session that started it, with its pid in its state
+/// directory. Stopped on drop, after the proxy (and so the ssh link) is gone.
+struct ResidentAgent {
+    state_dir: PathBuf,
+}
+
+impl ResidentAgent {
+    /// Its pid, if it runs: only the agent of this state directory, never a recycled pid.
+    fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.state_dir.join("agent.pid")).ok()?;
+        let pid = text.trim().parse::<u32>().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline).contains(&*self.state_dir.to_string_lossy()).then_some(pid)
+    }
+}
+
+impl Drop for ResidentAgent {
+    fn drop(&mut self) {
+        let Some(pid) = self.pid() else {
+            return;
+        };
+        terminate(pid);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if !alive(pid) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: the resident agent (pid {pid}) ignored SIGTERM; killing it");
+        let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+    }
+}
+
+/// A live process (a zombie waiting for its reaper counts as gone).
+fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|fields| !matches!(fields.first().map(String::as_str), Some("Z" | "X")))
+}
+
+/// SIGTERM to one process the bench started (or that one of its children started).
+fn terminate(pid: u32) {
+    if Path::new("/proc").join(pid.to_string()).exists() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// sshd and ssh
+// ---------------------------------------------------------------------------------
+
+/// A private OpenSSH server on a loopback port: its own host key, user key,
+/// authorized_keys, known_hosts and configs in the bench's temporary directory. The
+/// machine's own sshd, /etc/ssh and ~/.ssh are never read or written (`ssh -F` skips
+/// both the system and the user config).
+struct Sshd {
+    daemon: Daemon,
+    addr: SocketAddr,
+    dir: PathBuf,
+    client_config: PathBuf,
+}
+
+impl Sshd {
+    async fn start(root: &Path) -> Result<Sshd> {
+        let sshd = SSHD_CANDIDATES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or("no sshd found; install openssh-server")?;
+        let dir = root.join("ssh");
+        std::fs::create_dir_all(&dir).context("creating the ssh directory")?;
+        // sshd running as root insists on its (empty) privilege separation directory.
+        if !Path::new("/run/sshd").is_dir() {
+            std::fs::create_dir_all("/run/sshd").context("creating /run/sshd")?;
+            std::fs::set_permissions("/run/sshd", std::fs::Permissions::from_mode(0o755))
+                .context("chmod /run/sshd")?;
+        }
+        keygen(&dir.join("host_key"))?;
+        keygen(&dir.join("user_key"))?;
+        let user_pub = std::fs::read_to_string(dir.join("user_key.pub")).context("reading user_key.pub")?;
+        write_private(&dir.join("authorized_keys"), &user_pub)?;
+        let host_pub = std::fs::read_to_string(dir.join("host_key.pub")).context("reading host_key.pub")?;
+        let mut fields = host_pub.split_whitespace();
+        let (Some(kind), Some(key)) = (fields.next(), fields.next()) else {
+            return Err(format!("unexpected host public key {host_pub:?}").into());
+        };
+        write_private(&dir.join("known_hosts"), &format!("offload-bench {kind} {key}\n"))?;
+
+        // A free port, learned by binding and letting go; retried if sshd loses a race.
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .context("finding a free port")?
+                .port();
+            let config = dir.join("sshd_config");
+            write_private(
+                &config,
+                &format!(
+                    "ListenAddress 127.0.0.1:{port}\n\
+                     HostKey {host_key}\n\
+                     AuthorizedKeysFile {authorized_keys}\n\
+                     PubkeyAuthentication yes\n\
+                     PasswordAuthentication no\n\
+                     KbdInteractiveAuthentication no\n\
+                     PermitRootLogin prohibit-password\n\
+                     StrictModes no\n\
+                     UsePAM no\n\
+                     PidFile none\n\
+                     UseDNS no\n\
+                     PrintMotd no\n\
+                     PrintLastLog no\n\
+                     AcceptEnv none\n\
+                     PermitUserEnvironment no\n\
+                     PermitUserRC no\n\
+                     X11Forwarding no\n\
+                     AllowAgentForwarding no\n\
+                     AllowTcpForwarding yes\n\
+                     AllowStreamLocalForwarding yes\n\
+                     MaxStartups 100\n\
+                     MaxSessions 100\n\
+                     LogLevel ERROR\n",
+                    host_key = dir.join("host_key").display(),
+                    authorized_keys = dir.join("authorized_keys").display(),
+                ),
+            )?;
+            let mut command = guarded_command(&sshd);
+            command.arg("-D").arg("-e").arg("-f").arg(&config);
+            let mut daemon = Daemon::spawn("sshd", command, &dir)?;
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let deadline = Instant::now() + START_TIMEOUT;
+            while Instant::now() < deadline {
+                if daemon.exited()?.is_some() {
+                    break;
+                }
+                if ssh_banner(addr).await {
+                    let client_config = dir.join("ssh_config");
+                    return Ok(Sshd { daemon, addr, dir, client_config });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            eprintln!("sshd on port {port} did not come up:\n{}", daemon.log_tail());
+        }
+        Err("could not start sshd on a loopback port".into())
+    }
+
+    /// `offload-bench-lo` reaches sshd directly; `offload-bench-wan` goes through the
+    /// delay relay. A fresh connection every time (no ControlMaster), as Docker's
+    /// `ssh://` transport does without user tuning.
+    fn write_client_config(&self, relay: SocketAddr) -> Result<()> {
+        let user = current_user()?;
+        write_private(
+            &self.client_config,
+            &format!(
+                "Host {SSH_LOOPBACK} {SSH_WAN}\n\
+                 \x20 HostKeyAlias offload-bench\n\
+                 \x20 User {user}\n\
+                 \x20 IdentityFile {key}\n\
+                 \x20 IdentitiesOnly yes\n\
+                 \x20 IdentityAgent none\n\
+                 \x20 PreferredAuthentications publickey\n\
+                 \x20 UserKnownHostsFile {known_hosts}\n\
+                 \x20 GlobalKnownHostsFile /dev/null\n\
+                 \x20 StrictHostKeyChecking yes\n\
+                 \x20 CheckHostIP no\n\
+                 \x20 UpdateHostKeys no\n\
+                 \x20 BatchMode yes\n\
+                 \x20 ConnectTimeout 20\n\
+                 \x20 ControlMaster no\n\
+                 \x20 ControlPath none\n\
+                 \x20 ForwardAgent no\n\
+                 \x20 ForwardX11 no\n\
+                 \x20 EscapeChar none\n\
+                 \x20 LogLevel ERROR\n\
+                 Host {SSH_LOOPBACK}\n\
+                 \x20 HostName 127.0.0.1\n\
+                 \x20 Port {direct}\n\
+                 Host {SSH_WAN}\n\
+                 \x20 HostName 127.0.0.1\n\
+                 \x20 Port {relayed}\n",
+                key = self.dir.join("user_key").display(),
+                known_hosts = self.dir.join("known_hosts").display(),
+                direct = self.addr.port(),
+                relayed = relay.port(),
+            ),
+        )
+    }
+
+    /// The sshd listener and every session process under it.
+    fn pids(&self) -> Vec<u32> {
+        process_tree(self.daemon.pid)
+    }
+}
+
+/// Whether an SSH server answers on `addr` with its version banner.
+async fn ssh_banner(addr: SocketAddr) -> bool {
+    let probe = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let mut buf = [0u8; 8];
+        stream.read_exact(&mut buf).await.ok()?;
+        Some(buf.starts_with(b"SSH-2.0"))
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(2), probe).await, Ok(Some(true)))
+}
+
+fn keygen(path: &Path) -> Result<()> {
+    let output = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "offload-link-bench", "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ssh-keygen (install openssh-client)")?;
+    if !output.status.success() {
+        return Err(format!("ssh-keygen failed: {}", String::from_utf8_lossy(&output.stderr).trim()).into());
+    }
+    Ok(())
+}
+
+/// Writes a file only its owner can read (ssh refuses configs and keys others can write).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).context(format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .context(format!("chmod 600 {}", path.display()))
+}
+
+fn current_user() -> Result<String> {
+    let output = Command::new("id").arg("-un").stdin(Stdio::null()).output().context("running id -un")?;
+    let user = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    if user.is_empty() {
+        return Err("`id -un` printed nothing".into());
+    }
+    Ok(user)
+}
+
+/// The docker CLI runs `ssh` from PATH for `ssh://` hosts; this one adds our config.
+fn write_ssh_wrapper(dir: &Path, config: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).context("creating the ssh wrapper directory")?;
+    let ssh = which("ssh").ok_or("no ssh on PATH; install openssh-client")?;
+    let path = dir.join("ssh");
+    std::fs::write(&path, format!("#!/bin/sh\nexec {} -F {} \"$@\"\n", ssh.display(), config.display()))
+        .context("writing the ssh wrapper")?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).context("chmod the ssh wrapper")
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(tool)).find(|candidate| candidate.is_file())
+}
+
+/// One `ssh -N` process holding two local unix-socket forwards: to the engine and to
+/// the null engine. Each upload opens its own channel on the one SSH connection.
+struct SshForward {
+    daemon: Daemon,
+    engine: PathBuf,
+    null: PathBuf,
+}
+
+impl SshForward {
+    async fn start(root: &Path, sshd: &Sshd, engine: &Path, null: &Path) -> Result<SshForward> {
+        let (engine_fwd, null_fwd) = (root.join("ssh-engine.sock"), root.join("ssh-null.sock"));
+        let ssh = which("ssh").ok_or("no ssh on PATH")?;
+        let mut command = guarded_command(&ssh);
+        command
+            .arg("-F")
+            .arg(&sshd.client_config)
+            .args(["-N", "-T", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes"])
+            .args(["-c", SSH_CIPHER])
+            .arg("-L")
+            .arg(format!("{}:{}", engine_fwd.display(), engine.display()))
+            .arg("-L")
+            .arg(format!("{}:{}", null_fwd.display(), null.display()))
+            .arg(SSH_LOOPBACK);
+        let mut daemon = Daemon::spawn("ssh-forward", command, root)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        for socket in [&engine_fwd, &null_fwd] {
+            loop {
+                if let Some(status) = daemon.exited()? {
+                    return Err(format!("ssh -L exited ({status}):\n{}", daemon.log_tail()).into());
+                }
+                if socket.exists() {
+                    if let Ok(mut client) = ApiClient::connect(socket).await {
+                        if client.get("/_ping").await.is_ok() {
+                            break;
+                        }
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "ssh -L forward {} did not work:\n{}",
+                        socket.display(),
+                        daemon.log_tail()
+                    )
+                    .into());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(SshForward { daemon, engine: engine_fwd, null: null_fwd })
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// A null engine: answers /_ping and /version, drains archive uploads
+// ---------------------------------------------------------------------------------
+
+/// A tiny Docker-API-shaped server on a unix socket, so that bulk figures measure the
+/// transports rather than the engine's disk writes (fuse-overlayfs here).
+struct NullEngine {
+    path: PathBuf,
+    /// Body bytes of the last completed archive upload.
+    received: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl NullEngine {
+    async fn start(path: &Path) -> Result<NullEngine> {
+        let listener = UnixListener::bind(path).context(format!("binding {}", path.display()))?;
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = received.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |request| null_answer(request, counter.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(NullEngine { path: path.to_path_buf(), received, task })
+    }
+}
+
+impl Drop for NullEngine {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn null_answer(
+    request: Request<Incoming>,
+    received: Arc<AtomicU64>,
+) -> std::result::Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path().to_string();
+    // Strip a `/v1.41`-style version prefix.
+    let route = match path.strip_prefix("/v").and_then(|rest| rest.find('/').map(|i| &rest[i..])) {
+        Some(rest) if path[2..].starts_with(|c: char| c.is_ascii_digit()) => rest.to_string(),
+        _ => path.clone(),
+    };
+    let reply = |status: StatusCode, kind: &'static str, body: Bytes| {
+        let mut response = Response::new(Full::new(body));
+        *response.status_mut() = status;
+        response.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static(kind));
+        response.headers_mut().insert("api-version", hyper::header::HeaderValue::from_static("1.41"));
+        response.headers_mut().insert("ostype", hyper::header::HeaderValue::from_static("linux"));
+        response
+    };
+    let response = if route == "/_ping" {
+        reply(StatusCode::OK, "text/plain; charset=utf-8", Bytes::from_static(b"OK"))
+    } else if route == "/version" {
+        let version = json!({"Version": "null", "ApiVersion": "1.41", "MinAPIVersion": "1.12",
+                             "Os": "linux", "Arch": std::env::consts::ARCH});
+        reply(StatusCode::OK, "application/json", Bytes::from(version.to_string()))
+    } else if request.method() == Method::PUT && route.ends_with("/archive") {
+        let mut body = request.into_body();
+        let mut bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => bytes += frame.data_ref().map_or(0, |data| data.len() as u64),
+                Err(_) => break,
+            }
+        }
+        received.store(bytes, Ordering::SeqCst);
+        reply(StatusCode::OK, "text/plain", Bytes::new())
+    } else {
+        reply(
+            StatusCode::NOT_FOUND,
+            "application/json",
+            Bytes::from(json!({"message": format!("null engine: no route {path}")}).to_string()),
+        )
+    };
+    Ok(response)
+}
+
+// ---------------------------------------------------------------------------------
+// Round trip through the delay relay
+// ---------------------------------------------------------------------------------
+
+struct RttFigures {
+    relay: Percentiles,
+    direct: Percentiles,
+}
+
+/// 1-byte TCP ping-pong to an echo server, through a relay identical to the ones in
+/// front of the agent and sshd, and directly; 50 samples each after 5 warm-ups.
+async fn measure_rtt(rtt: Duration) -> Result<RttFigures> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the echo server")?;
+    let echo_addr = listener.local_addr().context("echo server address")?;
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let relay = start_relay(echo_addr, rtt)?;
+    let ping_pong = |addr: SocketAddr| async move {
+        let mut stream = TcpStream::connect(addr).await.context("connecting for the ping-pong")?;
+        stream.set_nodelay(true).context("nodelay")?;
+        let mut samples = Vec::new();
+        for i in 0..55 {
+            let started = Instant::now();
+            stream.write_all(&[i as u8]).await.context("ping")?;
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await.context("pong")?;
+            if i >= 5 {
+                samples.push(started.elapsed().as_nanos() as u64);
+            }
+        }
+        Ok::<_, BoxError>(Percentiles::of(samples))
+    };
+    let measured = within(Duration::from_secs(30), "RTT ping-pong", async {
+        Ok(RttFigures { relay: ping_pong(relay.addr).await?, direct: ping_pong(echo_addr).await? })
+    })
+    .await;
+    server.abort();
+    drop(relay);
+    measured
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: docker ps
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+enum PsVariant {
+    Local,
+    Link0,
+    LinkRtt,
+    SshRtt,
+}
+
+impl PsVariant {
+    const ALL: [PsVariant; 4] = [PsVariant::Local, PsVariant::Link0, PsVariant::LinkRtt, PsVariant::SshRtt];
+}
+
+async fn ps_phase(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report) -> Result<()> {
+    let hosts = [
+        format!("unix://{}", config.engine.display()),
+        format!("unix://{}", rig.proxy_lo()?.socket.display()),
+        format!("unix://{}", rig.proxy_wan()?.socket.display()),
+        format!("ssh://{SSH_WAN}"),
+    ];
+    rig.sshd()?;
+    let path = format!(
+        "{}:{}",
+        rig.paths.ssh_wrapper_dir.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".to_string())
+    );
+    let mut rounds: Vec<[f64; 4]> = Vec::new();
+    for round in 0..config.ps_warmup + config.ps_rounds {
+        let mut times = [0.0; 4];
+        // Rotate the order each round so that no variant always follows another.
+        for k in 0..PsVariant::ALL.len() {
+            let variant = PsVariant::ALL[(round + k) % PsVariant::ALL.len()];
+            let index = variant as usize;
+            times[index] = docker_ps(&hosts[index], &path, &rig.paths.docker_config).await?;
+        }
+        if round >= config.ps_warmup {
+            progress(
+                &format!("docker ps round {round}"),
+                format!(
+                    "local {:.1} | link@0 {:.1} | link@{} {:.1} | ssh://@{} {:.1} ms",
+                    times[0],
+                    times[1],
+                    config.rtt_ms(),
+                    times[2],
+                    config.rtt_ms(),
+                    times[3]
+                ),
+            );
+            rounds.push(times);
+        }
+    }
+    let pair = |figure: PsVariant, baseline: PsVariant| Paired {
+        rounds: rounds.iter().map(|r| [r[baseline as usize], r[figure as usize]]).collect(),
+    };
+    let ms = |v: f64| format!("{v:.1}");
+    let rtt = config.rtt_ms();
+
+    let vs_local = pair(PsVariant::LinkRtt, PsVariant::Local);
+    let delta = vs_local.median_difference();
+    let limit = rtt_ms + 5.0;
+    report.paired_with(
+        &format!("docker ps (ms): link @{rtt}ms vs local socket"),
+        &vs_local,
+        ms,
+        format!("<= local + RTT + 5 = {:.1}", vs_local.median_baseline() + limit),
+        Some(delta <= limit),
+    );
+    report.single(
+        &format!("docker ps: link @{rtt}ms minus local, paired (ms)"),
+        format!("{delta:.1}"),
+        &format!("<= RTT + 5 = {limit:.1}"),
+        Some(delta <= limit),
+    );
+    report.paired(
+        &format!("docker ps (ms): link @{rtt}ms vs ssh:// @{rtt}ms"),
+        &pair(PsVariant::LinkRtt, PsVariant::SshRtt),
+        ms,
+        Target::AtMost(0.15),
+    );
+    report.paired(
+        "docker ps (ms): link @0ms vs local socket",
+        &pair(PsVariant::Link0, PsVariant::Local),
+        ms,
+        Target::None,
+    );
+    let link_delay = pair(PsVariant::LinkRtt, PsVariant::Link0).median_difference();
+    report.single(
+        "docker ps: round trips over the link, (link@RTT - link@0) / RTT",
+        format!("{:.2}", link_delay / rtt_ms),
+        "(1 with the cached /_ping)",
+        None,
+    );
+    report.note(format!(
+        "docker ps: {} CLI runs per variant ({}), +{} warm-up rounds; ssh:// = a fresh ssh \
+         (default kex/cipher) per run through the same {rtt} ms relay, remote `docker system dial-stdio`",
+        config.ps_rounds, DOCKER_CLI, config.ps_warmup
+    ));
+    Ok(())
+}
+
+/// One `docker ps` run; returns its wall time in ms (process start to exit).
+async fn docker_ps(host: &str, path: &str, docker_config: &Path) -> Result<f64> {
+    let mut command = tokio::process::Command::new(DOCKER_CLI);
+    command
+        .arg("ps")
+        .env("DOCKER_HOST", host)
+        .env("DOCKER_CONFIG", docker_config)
+        .env("PATH", path)
+        .env_remove("DOCKER_CONTEXT")
+        .env_remove("DOCKER_TLS_VERIFY")
+        .env_remove("DOCKER_CERT_PATH")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .map_err(|_| format!("docker ps via {host} took over 60 s"))?
+        .context(format!("running {DOCKER_CLI}"))?;
+    let elapsed = started.elapsed();
+    if !output.status.success() {
+        return Err(format!(
+            "docker ps via {host} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    Ok(elapsed.as_secs_f64() * 1e3)
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: API latency on loopback
+// ---------------------------------------------------------------------------------
+
+async fn latency_phase(config: &Config, rig: &Rig, report: &mut Report) -> Result<()> {
+    // `/version` would time the engine running `runc --version` and friends each time.
+    let container =
+        Container::create(&config.engine, json!({"Image": config.image, "Cmd": ["true"]})).await?;
+    let inspect = format!("/containers/{}/json", container.id);
+    let paths = ["/_ping", inspect.as_str(), "/containers/json"];
+    let names = ["/_ping", "/containers/{id}/json", "/containers/json"];
+    // One keep-alive connection per variant for the whole phase, as a client would.
+    let mut clients =
+        [ApiClient::connect(&config.engine).await?, ApiClient::connect(&rig.proxy_lo()?.socket).await?];
+    let mut p50 = [(); 3].map(|_| Paired::default());
+    let mut p99 = [(); 3].map(|_| Paired::default());
+    for round in 0..config.warmup_rounds + config.rounds {
+        let mut figures = [[Percentiles::default(); 2]; 3];
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for variant in order {
+            for (p, path) in paths.iter().enumerate() {
+                let samples = within(
+                    Duration::from_secs(120),
+                    format!("{} round {round}", names[p]),
+                    clients[variant].time_gets(path, config.requests),
+                )
+                .await?;
+                figures[p][variant] = Percentiles::of(samples);
+            }
+        }
+        if round >= config.warmup_rounds {
+            for (p, path) in names.iter().enumerate() {
+                let [direct, link] = figures[p];
+                p50[p].push(direct.p50, link.p50);
+                p99[p].push(direct.p99, link.p99);
+                progress(
+                    &format!("latency round {round} {path}"),
+                    format!("p50 direct {} / link {} µs", micros(direct.p50), micros(link.p50)),
+                );
+            }
+        }
+    }
+    for (p, path) in names.iter().enumerate() {
+        let cached = if *path == "/_ping" { ", proxy's cache" } else { "" };
+        report.paired(
+            &format!("GET {path} p50 (µs{cached}): link @0ms vs direct socket"),
+            &p50[p],
+            micros,
+            Target::AtMost(1.5),
+        );
+        report.paired(
+            &format!("GET {path} p99 (µs{cached}): link @0ms vs direct socket"),
+            &p99[p],
+            micros,
+            Target::Info("(G1: <= 2.00)"),
+        );
+    }
+    report.note(format!(
+        "latency: keep-alive hyper HTTP/1.1 client, {} sequential requests per path per variant per \
+         round, {} rounds (+{} warm-up); /_ping is answered by the proxy from its session cache",
+        config.requests, config.rounds, config.warmup_rounds
+    ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: 64 parallel inspects at RTT
+// ---------------------------------------------------------------------------------
+
+async fn parallel_phase(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report) -> Result<()> {
+    let container =
+        Container::create(&config.engine, json!({"Image": config.image, "Cmd": ["true"]})).await?;
+    let path = format!("/containers/{}/json", container.id);
+    let sockets = [config.engine.clone(), rig.proxy_wan()?.socket.clone()];
+    let mut walls = Paired::default();
+    let mut worst = 0.0f64;
+    for round in 0..1 + config.parallel_rounds {
+        let mut wall = [0.0; 2];
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for variant in order {
+            let took = within(
+                Duration::from_secs(60),
+                "parallel inspects",
+                parallel_gets(&sockets[variant], &path, config.parallel),
+            )
+            .await?;
+            wall[variant] = took.as_secs_f64() * 1e3;
+        }
+        if round > 0 {
+            walls.push(wall[0], wall[1]);
+            worst = worst.max(wall[1]);
+            progress(
+                &format!("parallel round {round}"),
+                format!("direct {:.1} / link {:.1} ms", wall[0], wall[1]),
+            );
+        }
+    }
+    let limit = 3.0 * rtt_ms;
+    let link = walls.median_figure();
+    report.paired_with(
+        &format!(
+            "{} parallel GET /containers/{{id}}/json, wall (ms): link @{}ms vs direct",
+            config.parallel,
+            config.rtt_ms()
+        ),
+        &walls,
+        |v| format!("{v:.1}"),
+        format!("<= 3 RTT = {limit:.1}"),
+        Some(link <= limit),
+    );
+    report.single(
+        "parallel inspects: slowest round over the link (ms)",
+        format!("{worst:.1}"),
+        &format!("(3 RTT = {limit:.1})"),
+        None,
+    );
+    report.note(format!(
+        "parallel: {} requests at once, each on its own new HTTP/1.1 connection to the proxy (one \
+         HTTP/2 link behind it), timed from the first connect to the last body; {} rounds (+1 warm-up)",
+        config.parallel, config.parallel_rounds
+    ));
+    Ok(())
+}
+
+async fn parallel_gets(socket: &Path, path: &str, count: usize) -> Result<Duration> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let (socket, path) = (socket.to_path_buf(), path.to_string());
+        tasks.spawn(async move {
+            let mut client = ApiClient::connect(&socket).await?;
+            client.get(&path).await.map(drop)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.context("a parallel request task")??;
+    }
+    Ok(started.elapsed())
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: interactive echo, idle and under a bulk upload on the same link
+// ---------------------------------------------------------------------------------
+
+async fn echo_phase(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report) -> Result<()> {
+    let socket = rig.proxy_wan()?.socket.clone();
+    let cat = Container::create(
+        &config.engine,
+        json!({"Image": config.image, "Cmd": ["cat"], "OpenStdin": true, "StdinOnce": false}),
+    )
+    .await?;
+    cat.start().await?;
+    let sink = Container::create(&config.engine, json!({"Image": config.image, "Cmd": ["true"]})).await?;
+
+    // The engine's own echo (direct socket, no link, no delay), then the idle link.
+    let direct = timed_echo(&config.engine, &cat.id, config).await?;
+    let idle = timed_echo(&socket, &cat.id, config).await?;
+
+    // The same, while one upload of `load_mib` runs through the same proxy and link.
+    let stop = Arc::new(AtomicBool::new(false));
+    let size = config.load_mib << 20;
+    let upload_task = {
+        let (socket, id, stop) = (socket.clone(), sink.id.clone(), stop.clone());
+        tokio::spawn(async move {
+            let outcome = upload(&socket, &archive_path(&id), size).await;
+            stop.store(true, Ordering::SeqCst);
+            outcome
+        })
+    };
+    // Let the upload open its stream and fill the windows first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = echo_run(&socket, &cat.id, config.echo_interval, stop.clone()).await;
+    let uploaded = upload_task.await.context("the upload task")?;
+    let (loaded, (upload_time, upload_bytes)) = (loaded?, uploaded?);
+    verify_upload(&config.engine, &sink.id, size).await?;
+    if loaded.len() < 50 {
+        report.note(format!(
+            "echo under load: only {} samples (the upload ended in {:.1} s); raise OFFLOAD_LINK_BENCH_LOAD_MIB",
+            loaded.len(),
+            upload_time.as_secs_f64()
+        ));
+    }
+
+    let rtt = config.rtt_ms();
+    let limit = rtt_ms + 15.0;
+    let shown = |samples: &[u64]| {
+        let figures = Percentiles::of(samples.to_vec());
+        let ms = |nanos: f64| nanos / 1e6;
+        (format!("{:.1} / {:.1} / {:.1}", ms(figures.p50), ms(figures.p99), ms(figures.max)), ms(figures.p99))
+    };
+    let rows = [
+        (
+            format!("echo p50/p99/max (ms): link @{rtt}ms idle (n={}) vs direct socket", idle.len()),
+            &idle,
+            &direct,
+        ),
+        (
+            format!("echo p50/p99/max (ms): link @{rtt}ms during upload (n={}) vs idle", loaded.len()),
+            &loaded,
+            &idle,
+        ),
+    ];
+    for (metric, samples, baseline) in rows {
+        let (figure, p99) = shown(samples);
+        report.row(Row {
+            metric,
+            figure,
+            baseline: shown(baseline).0,
+            ratio: "-".to_string(),
+            target: format!("p99 <= RTT + 15 = {limit:.1}"),
+            ok: Some(p99 <= limit),
+        });
+    }
+    report.single(
+        &format!("upload on the link @{rtt}ms during the echo (MB/s)"),
+        format!("{:.0}", megabytes_per_sec(upload_bytes, upload_time)),
+        "-",
+        None,
+    );
+    report.note(format!(
+        "echo: 1 byte every {} ms into `cat` over POST /attach (Upgrade: tcp) through the link at {rtt} ms, \
+         echo timed to its return; {} s direct and {} s over the idle link, then while a {} MiB archive \
+         PUT runs on the same link",
+        config.echo_interval.as_millis(),
+        config.echo_secs,
+        config.echo_secs,
+        config.load_mib
+    ));
+    Ok(())
+}
+
+/// An echo run of `echo_secs` seconds through `socket`.
+async fn timed_echo(socket: &Path, id: &str, config: &Config) -> Result<Vec<u64>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopper = {
+        let (stop, secs) = (stop.clone(), config.echo_secs);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            stop.store(true, Ordering::SeqCst);
+        })
+    };
+    let samples = echo_run(socket, id, config.echo_interval, stop).await;
+    stopper.abort();
+    samples
+}
+
+/// Sends one byte every `interval` into an attach stream of `cat` until `stop`, and
+/// times each byte until it comes back; nanoseconds per byte.
+async fn echo_run(socket: &Path, id: &str, interval: Duration, stop: Arc<AtomicBool>) -> Result<Vec<u64>> {
+    let stream = within(Duration::from_secs(20), "attach for the echo", open_attach(socket, id)).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    let pending: Arc<Mutex<VecDeque<(u8, Instant)>>> = Arc::default();
+    let writer_done = Arc::new(AtomicBool::new(false));
+
+    let writing = {
+        let (pending, writer_done) = (pending.clone(), writer_done.clone());
+        async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sequence = 0u8;
+            let outcome = loop {
+                ticks.tick().await;
+                if stop.load(Ordering::SeqCst) {
+                    break Ok(());
+                }
+                if let Ok(mut queue) = pending.lock() {
+                    queue.push_back((sequence, Instant::now()));
+                }
+                if let Err(err) = writer.write_all(&[sequence]).await {
+                    break Err(format!("writing to the attach stream: {err}"));
+                }
+                sequence = sequence.wrapping_add(1);
+            };
+            writer_done.store(true, Ordering::SeqCst);
+            // Keep the write side open until the reader is done: a half-close ends `cat`'s stdin.
+            (outcome, writer)
+        }
+    };
+    let reading = async {
+        let mut samples = Vec::new();
+        let mut buffered: Vec<u8> = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut writer_done_at: Option<Instant> = None;
+        loop {
+            if writer_done.load(Ordering::SeqCst) {
+                let done_at = *writer_done_at.get_or_insert_with(Instant::now);
+                if pending.lock().map(|queue| queue.is_empty()).unwrap_or(true) {
+                    return Ok(samples);
+                }
+                if done_at.elapsed() > Duration::from_secs(10) {
+                    return Err::<Vec<u64>, String>("an echo did not come back within 10 s".to_string());
+                }
+            }
+            // `read` is cancel-safe: a timeout loses no bytes.
+            let n = match tokio::time::timeout(Duration::from_millis(100), reader.read(&mut chunk)).await {
+                Err(_) => continue,
+                Ok(Err(err)) => return Err(format!("reading the attach stream: {err}")),
+                Ok(Ok(0)) => return Err("the attach stream closed".to_string()),
+                Ok(Ok(n)) => n,
+            };
+            let arrived = Instant::now();
+            buffered.extend_from_slice(&chunk[..n]);
+            // Multiplexed stdout frames: [stream, 0, 0, 0, length (u32 BE)] + payload.
+            while buffered.len() >= 8 {
+                let length =
+                    u32::from_be_bytes([buffered[4], buffered[5], buffered[6], buffered[7]]) as usize;
+                if buffered.len() < 8 + length {
+                    break;
+                }
+                let payload: Vec<u8> = buffered.drain(..8 + length).skip(8).collect();
+                let mut queue = pending.lock().map_err(|_| "echo queue poisoned".to_string())?;
+                for byte in payload {
+                    match queue.pop_front() {
+                        Some((sent, at)) if sent == byte => samples.push((arrived - at).as_nanos() as u64),
+                        other => return Err(format!("echo out of order: got {byte}, expected {other:?}")),
+                    }
+                }
+            }
+        }
+    };
+    let ((written, _writer), read) = tokio::join!(writing, reading);
+    written?;
+    Ok(read?)
+}
+
+/// Opens `POST /attach` with an upgrade and returns the hijacked connection.
+async fn open_attach(socket: &Path, id: &str) -> Result<UnixStream> {
+    let mut stream =
+        UnixStream::connect(socket).await.context(format!("connecting to {}", socket.display()))?;
+    let request = format!(
+        "POST /containers/{id}/attach?stream=1&stdin=1&stdout=1&stderr=1 HTTP/1.1\r\n\
+         Host: {API_HOST}\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.context("sending attach")?;
+    // Byte by byte, so that nothing after the head is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = stream.read_u8().await.context("reading the attach answer")?;
+        head.push(byte);
+        if head.len() > 16 * 1024 {
+            return Err("attach: response head too long".into());
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status = head.lines().next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 101") {
+        return Err(format!("attach answered {status:?}, expected 101").into());
+    }
+    Ok(stream)
+}
+
+// ---------------------------------------------------------------------------------
+// Phase: bulk upload on loopback
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BulkVariant {
+    Direct,
+    LinkTls,
+    SshForward,
+    LinkSsh,
+}
+
+impl BulkVariant {
+    fn name(self) -> &'static str {
+        match self {
+            BulkVariant::Direct => "direct",
+            BulkVariant::LinkTls => "link (TLS)",
+            BulkVariant::SshForward => "ssh -L",
+            BulkVariant::LinkSsh => "link (ssh)",
+        }
+    }
+}
+
+struct BulkTarget<'a> {
+    label: &'static str,
+    /// (variant, socket, pids whose CPU counts for it)
+    variants: Vec<(BulkVariant, &'a Path, Vec<u32>)>,
+    /// Where the archive goes: a created container, or the null engine.
+    path: String,
+    /// Write back dirty pages before each timed upload (the real engine writes to disk).
+    flush: bool,
+    verify: Verify,
+}
+
+/// How an upload is checked after the timing: the file's size in the container, or
+/// the bytes the null engine counted.
+enum Verify {
+    Container { engine: PathBuf, id: String },
+    Null(Arc<AtomicU64>),
+}
+
+impl Verify {
+    async fn check(&self, size: u64) -> Result<()> {
+        match self {
+            Verify::Container { engine, id } => verify_upload(engine, id, size).await,
+            Verify::Null(received) => {
+                let got = received.load(Ordering::SeqCst);
+                let want = TarUpload::new(size).total_len();
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("the null engine received {got} bytes, expected {want}").into())
+                }
+            }
+        }
+    }
+}
+
+async fn bulk_phase(config: &Config, rig: &Rig, report: &mut Report) -> Result<()> {
+    let forward = rig.ssh_forward.as_ref().ok_or("ssh -L is not running")?;
+    let null = rig.null_engine.as_ref().ok_or("the null engine is not running")?;
+    let sshd_pids = rig.sshd()?.pids();
+    let ssh_side = |extra: u32| {
+        let mut pids = sshd_pids.clone();
+        pids.push(extra);
+        pids
+    };
+    let proxy_lo = rig.proxy_lo()?;
+    let proxy_lo_null = rig.proxy_lo_null.as_ref().ok_or("the null-engine proxy is not running")?;
+    let agent_null = rig.agent_null.as_ref().ok_or("the null-engine agent is not running")?;
+    let proxy_ssh_null = rig.proxy_ssh_null.as_ref().ok_or("the ssh-link proxy is not running")?;
+
+    let container =
+        Container::create(&config.engine, json!({"Image": config.image, "Cmd": ["true"]})).await?;
+    let targets = [
+        BulkTarget {
+            label: "real engine",
+            variants: vec![
+                (BulkVariant::Direct, &config.engine, vec![]),
+                (BulkVariant::LinkTls, &proxy_lo.socket, vec![proxy_lo.pid, rig.agent.pid]),
+                (BulkVariant::SshForward, &forward.engine, ssh_side(forward.daemon.pid)),
+            ],
+            path: archive_path(&container.id),
+            flush: true,
+            verify: Verify::Container { engine: config.engine.clone(), id: container.id.clone() },
+        },
+        BulkTarget {
+            label: "null engine",
+            variants: vec![
+                (BulkVariant::Direct, &null.path, vec![]),
+                (BulkVariant::LinkTls, &proxy_lo_null.socket, vec![proxy_lo_null.pid, agent_null.pid]),
+                (BulkVariant::SshForward, &forward.null, ssh_side(forward.daemon.pid)),
+                (BulkVariant::LinkSsh, &proxy_ssh_null.socket, {
+                    let mut pids = process_tree(proxy_ssh_null.pid);
+                    pids.extend(sshd_pids.iter().copied());
+                    pids.extend(rig.resident.as_ref().and_then(ResidentAgent::pid));
+                    pids
+                }),
+            ],
+            path: archive_path("null"),
+            flush: false,
+            verify: Verify::Null(null.received.clone()),
+        },
+    ];
+
+    let size = config.bulk_mib << 20;
+    for target in &targets {
+        let count = target.variants.len();
+        for (_, socket, _) in &target.variants {
+            upload(socket, &target.path, config.bulk_warmup_mib << 20).await?;
+        }
+        let mut rates: Vec<Vec<f64>> = Vec::new();
+        let mut cpu = vec![0.0; count];
+        for round in 0..config.bulk_rounds {
+            let mut rate = vec![0.0; count];
+            for k in 0..count {
+                let index = (round + k) % count;
+                let (_, socket, pids) = &target.variants[index];
+                if target.flush {
+                    flush_dirty_pages().await?;
+                }
+                let cpu_before = cpu_secs(pids);
+                let (elapsed, bytes) = upload(socket, &target.path, size).await?;
+                cpu[index] += cpu_secs(pids) - cpu_before;
+                target.verify.check(size).await?;
+                rate[index] = megabytes_per_sec(bytes, elapsed);
+            }
+            let shown: Vec<String> = target
+                .variants
+                .iter()
+                .zip(&rate)
+                .map(|((variant, _, _), rate)| format!("{} {rate:.0}", variant.name()))
+                .collect();
+            progress(&format!("bulk {} round {round}", target.label), format!("{} MB/s", shown.join(" | ")));
+            rates.push(rate);
+        }
+        let index_of = |wanted: BulkVariant| target.variants.iter().position(|(v, _, _)| *v == wanted);
+        let pair = |figure: usize, baseline: usize| Paired {
+            rounds: rates.iter().map(|r| [r[baseline], r[figure]]).collect(),
+        };
+        let mbps = |v: f64| format!("{v:.0}");
+        let gigabytes = (size as f64 / 1e9) * config.bulk_rounds as f64;
+        let (Some(link), Some(ssh), Some(direct)) = (
+            index_of(BulkVariant::LinkTls),
+            index_of(BulkVariant::SshForward),
+            index_of(BulkVariant::Direct),
+        ) else {
+            continue;
+        };
+        report.paired(
+            &format!(
+                "archive PUT {} MiB, {} (MB/s): link (TLS) vs ssh -L {SSH_CIPHER}",
+                config.bulk_mib, target.label
+            ),
+            &pair(link, ssh),
+            mbps,
+            Target::AtLeast(1.3),
+        );
+        report.paired(
+            &format!(
+                "archive PUT {} MiB, {} (MB/s): link (TLS) vs direct socket",
+                config.bulk_mib, target.label
+            ),
+            &pair(link, direct),
+            mbps,
+            Target::Info("(G5: >= 0.45)"),
+        );
+        if let Some(link_ssh) = index_of(BulkVariant::LinkSsh) {
+            report.paired(
+                &format!(
+                    "archive PUT {} MiB, {} (MB/s): link (ssh stdio) vs ssh -L",
+                    config.bulk_mib, target.label
+                ),
+                &pair(link_ssh, ssh),
+                mbps,
+                Target::None,
+            );
+        }
+        let per_gb = |index: usize| cpu[index] / gigabytes;
+        report.row(Row {
+            metric: format!("CPU-s per GB, both ends, {}: link (TLS) vs ssh -L", target.label),
+            figure: format!("{:.2}", per_gb(link)),
+            baseline: format!("{:.2}", per_gb(ssh)),
+            ratio: format!("{:.2}", per_gb(link) / per_gb(ssh)),
+            target: "-".to_string(),
+            ok: None,
+        });
+        if let Some(link_ssh) = index_of(BulkVariant::LinkSsh) {
+            report.row(Row {
+                metric: format!("CPU-s per GB, both ends, {}: link (ssh stdio) vs ssh -L", target.label),
+                figure: format!("{:.2}", per_gb(link_ssh)),
+                baseline: format!("{:.2}", per_gb(ssh)),
+                ratio: format!("{:.2}", per_gb(link_ssh) / per_gb(ssh)),
+                target: "-".to_string(),
+                ok: None,
+            });
+        }
+    }
+    report.note(format!(
+        "bulk: chunked PUT /containers/{{id}}/archive of a tar holding {} MiB of fresh random bytes, \
+         {} rounds per variant (+{} MiB warm-up), on loopback; ssh -L = one `ssh -N -c {SSH_CIPHER}` \
+         with unix-socket forwards; link (ssh stdio) = the proxy's link over `ssh -c {SSH_CIPHER}` to \
+         `offload agent --stdio`; CPU = proxy+agent or ssh+sshd processes, not the engine or the bench",
+        config.bulk_mib, config.bulk_rounds, config.bulk_warmup_mib
+    ));
+    Ok(())
+}
+
+/// `sync`, outside the timing: so that no variant pays for the writeback of the
+/// previous variant's upload.
+async fn flush_dirty_pages() -> Result<()> {
+    let status = tokio::process::Command::new("sync").status().await.context("running sync")?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("sync failed: {status}").into())
+    }
+}
+
+fn archive_path(id: &str) -> String {
+    format!("/containers/{id}/archive?path=/tmp")
+}
+
+/// Streams a tar holding one `size`-byte file of random bytes to `path`. Returns the
+/// time from sending the request to the complete response, and the body bytes sent.
+async fn upload(socket: &Path, path: &str, size: u64) -> Result<(Duration, u64)> {
+    let body = TarUpload::new(size);
+    let body_bytes = body.total_len();
+    // No Content-Length: hyper sends the body chunked, as the CLI does.
+    let mut request = request(Method::PUT, path, body)?;
+    request.headers_mut().insert(CONTENT_TYPE, "application/x-tar".parse().expect("static header value"));
+    let limit = Duration::from_secs(120.max(size / 5_000_000));
+    let mut sender = open_connection::<TarUpload>(socket).await?;
+    let started = Instant::now();
+    let send = async {
+        let response =
+            sender.send_request(request).await.context(format!("PUT {path} via {}", socket.display()))?;
+        expect_status(&response, StatusCode::OK, path)?;
+        response.into_body().collect().await.context("reading the upload's answer")?;
+        Ok(())
+    };
+    within(limit, format!("uploading via {}", socket.display()), send).await?;
+    Ok((started.elapsed(), body_bytes))
+}
+
+/// Checks with `HEAD .../archive` that the file in the container has the full size.
+async fn verify_upload(engine: &Path, id: &str, size: u64) -> Result<()> {
+    let path = format!("/containers/{id}/archive?path=/tmp/{BULK_FILE}");
+    let mut sender = open_connection::<Empty<Bytes>>(engine).await?;
+    let response = sender
+        .send_request(request(Method::HEAD, &path, Empty::new())?)
+        .await
+        .context(format!("HEAD {path}"))?;
+    expect_status(&response, StatusCode::OK, &path)?;
+    let stat = response
+        .headers()
+        .get("X-Docker-Container-Path-Stat")
+        .ok_or("HEAD archive: no X-Docker-Container-Path-Stat header")?;
+    let stat: Value =
+        serde_json::from_slice(&base64_decode(stat.as_bytes())?).context("HEAD archive: bad path stat")?;
+    match stat["size"].as_u64() {
+        Some(got) if got == size => Ok(()),
+        got => Err(format!("uploaded {size} bytes but the container has {got:?}").into()),
+    }
+}
+
+/// A chunked request body: a tar with one file of fresh pseudo-random bytes,
+/// generated chunk by chunk, so that nothing can compress or deduplicate it.
+struct TarUpload {
+    header: Option<Bytes>,
+    remaining: u64,
+    trailer: Option<Bytes>,
+    rng: WyRand,
+    size: u64,
+}
+
+impl TarUpload {
+    fn new(size: u64) -> TarUpload {
+        let padding = (512 - (size % 512) as usize) % 512;
+        TarUpload {
+            header: Some(Bytes::copy_from_slice(&tar_header(BULK_FILE, size))),
+            remaining: size,
+            trailer: Some(Bytes::from(vec![0u8; padding + 1024])),
+            rng: WyRand(size ^ 0x6f66_666c_6f61_6421),
+            size,
+        }
+    }
+
+    fn total_len(&self) -> u64 {
+        512 + self.size.div_ceil(512) * 512 + 1024
+    }
+}
+
+impl Body for TarUpload {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(header) = this.header.take() {
+            return Poll::Ready(Some(Ok(Frame::data(header))));
+        }
+        if this.remaining > 0 {
+            let len = this.remaining.min(UPLOAD_CHUNK as u64) as usize;
+            let mut chunk = vec![0u8; len];
+            this.rng.fill(&mut chunk);
+            this.remaining -= len as u64;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))));
+        }
+        Poll::Ready(this.trailer.take().map(|trailer| Ok(Frame::data(trailer))))
+    }
+}
+
+/// A ustar header for a regular file owned by root (GNU base-256 size from 8 GiB).
+fn tar_header(name: &str, size: u64) -> [u8; 512] {
+    let mut header = [0u8; 512];
+    header[..name.len()].copy_from_slice(name.as_bytes());
+    header[100..108].copy_from_slice(b"0000644\0");
+    header[108..116].copy_from_slice(b"0000000\0");
+    header[116..124].copy_from_slice(b"0000000\0");
+    if size < 8 << 30 {
+        header[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    } else {
+        header[124] = 0x80;
+        header[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    header[136..148].copy_from_slice(b"00000000000\0");
+    header[156] = b'0';
+    header[257..263].copy_from_slice(b"ustar\0");
+    header[263..265].copy_from_slice(b"00");
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    header
+}
+
+/// wyrand: a tiny, fast PRNG (about 1 ns per 8 bytes).
+struct WyRand(u64);
+
+impl WyRand {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let product = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
+        ((product >> 64) as u64) ^ (product as u64)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let word = self.next().to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+
+    fn below(&mut self, bound: usize) -> usize {
+        (self.next() % bound as u64) as usize
+    }
+}
+
+fn base64_decode(text: &[u8]) -> Result<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'+' | b'-' => Some(62),
+            b'/' | b'_' => Some(63),
+            _ => None,
+        }
+    }
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in text.iter().filter(|&&c| c != b'=') {
+        acc = (acc << 6) | value(c).ok_or("invalid base64")?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------
+// A minimal Engine API client
+// ---------------------------------------------------------------------------------
+
+/// Opens one HTTP/1.1 connection on a unix socket; the connection task ends when the
+/// sender and the last response body are dropped.
+async fn open_connection<B>(socket: &Path) -> Result<SendRequest<B>>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = UnixStream::connect(socket).await.context(format!("connecting to {}", socket.display()))?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.context("HTTP/1.1 handshake")?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+fn request<B>(method: Method, path: &str, body: B) -> Result<Request<B>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, API_HOST)
+        .body(body)
+        .context(format!("building a request for {path}"))
+}
+
+fn expect_status(response: &Response<Incoming>, want: StatusCode, what: &str) -> Result<()> {
+    if response.status() == want {
+        Ok(())
+    } else {
+        Err(format!("{what}: answered {}, expected {want}", response.status()).into())
+    }
+}
+
+/// A keep-alive client for sequential GETs.
+struct ApiClient {
+    sender: SendRequest<Empty<Bytes>>,
+}
+
+impl ApiClient {
+    async fn connect(socket: &Path) -> Result<ApiClient> {
+        Ok(ApiClient { sender: open_connection(socket).await? })
+    }
+
+    async fn get(&mut self, path: &str) -> Result<Bytes> {
+        self.sender.ready().await.context("connection closed")?;
+        let response = self
+            .sender
+            .send_request(request(Method::GET, path, Empty::new())?)
+            .await
+            .context(format!("GET {path}"))?;
+        expect_status(&response, StatusCode::OK, path)?;
+        let body = response.into_body().collect().await.context(format!("body of {path}"))?;
+        Ok(body.to_bytes())
+    }
+
+    /// Times `count` sequential GETs, request sent to body read; nanoseconds.
+    async fn time_gets(&mut self, path: &str, count: usize) -> Result<Vec<u64>> {
+        let mut samples = Vec::with_capacity(count);
+        for _ in 0..count {
+            let started = Instant::now();
+            self.get(path).await?;
+            samples.push(started.elapsed().as_nanos() as u64);
+        }
+        Ok(samples)
+    }
+}
+
+async fn api_json(
+    engine: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(StatusCode, Value)> {
+    let mut sender = open_connection::<Full<Bytes>>(engine).await?;
+    let payload = body.map(|value| value.to_string()).unwrap_or_default();
+    let mut request = request(method.clone(), path, Full::new(Bytes::from(payload)))?;
+    request.headers_mut().insert(CONTENT_TYPE, "application/json".parse().expect("static header value"));
+    let response = sender.send_request(request).await.context(format!("{method} {path}"))?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await.context(format!("body of {path}"))?.to_bytes();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Ok((status, value))
+}
+
+async fn api_expect(
+    engine: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    want: StatusCode,
+) -> Result<Value> {
+    let (status, value) = api_json(engine, method.clone(), path, body).await?;
+    if status == want {
+        Ok(value)
+    } else {
+        Err(format!("{method} {path}: {status}: {}", value["message"].as_str().unwrap_or(&value.to_string()))
+            .into())
+    }
+}
+
+async fn describe_engine(engine: &Path, report: &mut Report) -> Result<()> {
+    let version = api_expect(engine, Method::GET, "/version", None, StatusCode::OK)
+        .await
+        .map_err(|err| format!("is the engine running at {}? {err}", engine.display()))?;
+    report.note(format!(
+        "engine: Docker {} (API {}) at {}",
+        version["Version"].as_str().unwrap_or("?"),
+        version["ApiVersion"].as_str().unwrap_or("?"),
+        engine.display()
+    ));
+    Ok(())
+}
+
+/// Builds the test image with the project's fixture script if it is the default one
+/// and missing; any other image must exist.
+async fn ensure_image(engine: &Path, image: &str) -> Result<()> {
+    let (status, _) = api_json(engine, Method::GET, &format!("/images/{image}/json"), None).await?;
+    if status == StatusCode::OK {
+        return Ok(());
+    }
+    if image != DEFAULT_IMAGE {
+        return Err(format!("image {image} not found on the engine").into());
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/build-images.sh");
+    let status = Command::new("bash")
+        .arg(script)
+        .env("OFFLOAD_TEST_ENGINE", format!("unix://{}", engine.display()))
+        .status()
+        .context(format!("running {script}"))?;
+    if !status.success() {
+        return Err(format!("{script} failed with {status}").into());
+    }
+    Ok(())
+}
+
+/// Removes containers left by bench runs that were killed (their pid is gone).
+async fn sweep_leftovers(engine: &Path) -> Result<()> {
+    let path = format!("/containers/json?all=1&filters=%7B%22label%22%3A%5B%22{LABEL}%22%5D%7D");
+    let list = api_expect(engine, Method::GET, &path, None, StatusCode::OK).await?;
+    for container in list.as_array().into_iter().flatten() {
+        let owner = container["Labels"][LABEL].as_str().unwrap_or_default();
+        if let (false, Some(id)) = (is_running(owner), container["Id"].as_str()) {
+            println!("removing container {id} left by an earlier link bench run (pid {owner})");
+            remove_container_blocking(engine, id)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes temporary directories of killed bench runs.
+fn sweep_temp_dirs() {
+    let entries = std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten();
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
+            continue;
+        };
+        let owner = rest.split('-').next().unwrap_or_default();
+        if !is_running(owner) {
+            // A killed run's resident agent outlives it; dropping the guard stops it.
+            drop(ResidentAgent { state_dir: entry.path().join("state-ssh") });
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn is_running(pid: &str) -> bool {
+    pid.parse::<u32>().is_ok() && Path::new("/proc").join(pid).exists()
+}
+
+/// A container the bench created; force-removed on drop, whatever ended the bench.
+struct Container {
+    engine: PathBuf,
+    id: String,
+}
+
+impl Container {
+    async fn create(engine: &Path, mut spec: Value) -> Result<Container> {
+        spec["Labels"] = json!({ LABEL: std::process::id().to_string() });
+        let created =
+            api_expect(engine, Method::POST, "/containers/create", Some(spec), StatusCode::CREATED).await?;
+        let id = created["Id"].as_str().ok_or("container create: no Id in the answer")?;
+        Ok(Container { engine: engine.to_path_buf(), id: id.to_string() })
+    }
+
+    async fn start(&self) -> Result<()> {
+        let path = format!("/containers/{}/start", self.id);
+        api_expect(&self.engine, Method::POST, &path, None, StatusCode::NO_CONTENT).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if let Err(err) = remove_container_blocking(&self.engine, &self.id) {
+            eprintln!(
+                "warning: could not remove container {}: {err}; run `docker rm -f {}`",
+                self.id, self.id
+            );
+        }
+    }
+}
+
+/// `DELETE /containers/{id}?force=1&v=1` with blocking std I/O, so that it works in
+/// `Drop`, during a panic, and outside any runtime.
+fn remove_container_blocking(engine: &Path, id: &str) -> Result<()> {
+    let mut stream = std::os::unix::net::UnixStream::connect(engine).context("connecting to the engine")?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).context("setting a timeout")?;
+    let request = format!(
+        "DELETE /containers/{id}?force=1&v=1 HTTP/1.1\r\nHost: {API_HOST}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).context("sending DELETE")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).context("reading the DELETE answer")?;
+    let status = answer.lines().next().unwrap_or_default();
+    if status.contains(" 204 ") || status.contains(" 404 ") {
+        Ok(())
+    } else {
+        Err(format!("DELETE answered {status:?}").into())
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// /proc readings
+// ---------------------------------------------------------------------------------
+
+/// `pid` and all its descendants.
+fn process_tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, stat_fields(pid)?.get(1)?.parse().ok()?)))
+        .collect();
+    let mut tree = vec![root];
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next];
+        tree.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+        next += 1;
+    }
+    tree
+}
+
+/// The fields of /proc/PID/stat after the command name (field 3, `state`, first).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// User + system CPU seconds of the given processes and their live descendants
+/// (and of children they already reaped).
+fn cpu_secs(roots: &[u32]) -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    let ticks_per_sec = *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    let mut pids: Vec<u32> = roots.iter().flat_map(|&root| process_tree(root)).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let ticks: u64 = pids
+        .into_iter()
+        .filter_map(stat_fields)
+        // utime, stime, cutime, cstime are fields 14-17, that is 11-14 here.
+        .map(|fields| {
+            fields.get(11..15).unwrap_or_default().iter().filter_map(|f| f.parse::<u64>().ok()).sum::<u64>()
+        })
+        .sum();
+    ticks as f64 / ticks_per_sec
+}
+
+// ---------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Default)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of durations in nanoseconds.
+    fn of(mut samples: Vec<u64>) -> Percentiles {
+        samples.sort_unstable();
+        let rank = |q: f64| {
+            let index = ((q * samples.len() as f64).ceil() as usize).saturating_sub(1);
+            samples.get(index).copied().unwrap_or(0) as f64
+        };
+        Percentiles { p50: rank(0.50), p99: rank(0.99), max: samples.last().copied().unwrap_or(0) as f64 }
+    }
+}
+
+/// One (baseline, figure) pair per measured round.
+#[derive(Default)]
+struct Paired {
+    rounds: Vec<[f64; 2]>,
+}
+
+impl Paired {
+    fn push(&mut self, baseline: f64, figure: f64) {
+        self.rounds.push([baseline, figure]);
+    }
+
+    fn median_baseline(&self) -> f64 {
+        median(self.rounds.iter().map(|r| r[0]).collect())
+    }
+
+    fn median_figure(&self) -> f64 {
+        median(self.rounds.iter().map(|r| r[1]).collect())
+    }
+
+    /// Median of per-round figure/baseline with a bootstrap 95 % interval.
+    fn ratio(&self) -> (f64, f64, f64) {
+        let ratios: Vec<f64> = self.rounds.iter().map(|[baseline, figure]| figure / baseline).collect();
+        let (low, high) = bootstrap_interval(&ratios);
+        (median(ratios), low, high)
+    }
+
+    /// Median of per-round figure − baseline.
+    fn median_difference(&self) -> f64 {
+        median(self.rounds.iter().map(|[baseline, figure]| figure - baseline).collect())
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// 2.5th and 97.5th percentiles of the median over 2000 resamples (fixed seed).
+fn bootstrap_interval(values: &[f64]) -> (f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut rng = WyRand(0x0ff1_0ad0);
+    let mut medians: Vec<f64> = (0..2000)
+        .map(|_| median((0..values.len()).map(|_| values[rng.below(values.len())]).collect()))
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    (medians[50], medians[1949])
+}
+
+fn progress(what: &str, figures: String) {
+    println!("    {what}: {figures}");
+}
+
+fn megabytes_per_sec(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / 1e6 / elapsed.as_secs_f64()
+}
+
+fn micros(nanos: f64) -> String {
+    format!("{:.1}", nanos / 1000.0)
+}
+
+/// Bounds a step in time, so that a hung process fails the bench instead of stalling it.
+async fn within<T>(limit: Duration, what: impl Display, step: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(limit, step).await.map_err(|_| format!("{what}: no answer within {limit:?}"))?
+}
+
+// ---------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------
+
+enum Target {
+    None,
+    /// Informational: shown, not checked.
+    Info(&'static str),
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+struct Row {
+    metric: String,
+    figure: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    ok: Option<bool>,
+}
+
+#[derive(Default)]
+struct Report {
+    notes: Vec<String>,
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn note(&mut self, note: String) {
+        println!("{note}");
+        self.notes.push(note);
+    }
+
+    fn row(&mut self, row: Row) {
+        println!(
+            "  {}: {} (baseline {}), ratio {}, target {}",
+            row.metric, row.figure, row.baseline, row.ratio, row.target
+        );
+        self.rows.push(row);
+    }
+
+    fn paired(&mut self, metric: &str, figures: &Paired, format: impl Fn(f64) -> String, target: Target) {
+        let (ratio, _, _) = figures.ratio();
+        let (target, ok) = match target {
+            Target::None => ("-".to_string(), None),
+            Target::Info(text) => (text.to_string(), None),
+            Target::AtMost(limit) => (format!("<= {limit:.2}"), Some(ratio <= limit)),
+            Target::AtLeast(limit) => (format!(">= {limit:.2}"), Some(ratio >= limit)),
+        };
+        self.paired_with(metric, figures, format, target, ok);
+    }
+
+    /// A paired row whose target is checked by the caller (an absolute bound).
+    fn paired_with(
+        &mut self,
+        metric: &str,
+        figures: &Paired,
+        format: impl Fn(f64) -> String,
+        target: String,
+        ok: Option<bool>,
+    ) {
+        let (ratio, low, high) = figures.ratio();
+        self.row(Row {
+            metric: metric.to_string(),
+            figure: format(figures.median_figure()),
+            baseline: format(figures.median_baseline()),
+            ratio: format!("{ratio:.2} [{low:.2}, {high:.2}]"),
+            target,
+            ok,
+        });
+    }
+
+    fn single(&mut self, metric: &str, value: String, target: &str, ok: Option<bool>) {
+        self.row(Row {
+            metric: metric.to_string(),
+            figure: value,
+            baseline: "-".to_string(),
+            ratio: "-".to_string(),
+            target: target.to_string(),
+            ok,
+        });
+    }
+
+    fn rtt_row(&mut self, config: &Config, rtt: &RttFigures) {
+        let ms = |nanos: f64| nanos / 1e6;
+        let measured = ms(rtt.relay.p50);
+        let wanted = config.rtt.as_secs_f64() * 1e3;
+        // The relay's timers and this busy box add a little on top of the setting.
+        let ok = measured >= wanted && measured <= wanted + 5.0;
+        self.row(Row {
+            metric: format!("RTT through the delay relay, TCP ping-pong p50 / p99 (ms), set {wanted:.0}"),
+            figure: format!("{measured:.2} / {:.2}", ms(rtt.relay.p99)),
+            baseline: format!("{:.3} / {:.3}", ms(rtt.direct.p50), ms(rtt.direct.p99)),
+            ratio: "-".to_string(),
+            target: format!("{wanted:.0} .. {:.0}", wanted + 5.0),
+            ok: Some(ok),
+        });
+        self.notes.push(format!(
+            "RTT = {measured:.2} ms (measured p50 through the relay) in every RTT-based target below"
+        ));
+    }
+
+    fn missed(&self) -> usize {
+        self.rows.iter().filter(|row| row.ok == Some(false)).count()
+    }
+
+    fn print(&self, config: &Config) {
+        let header = ["metric: figure vs baseline", "figure", "baseline", "ratio [95% CI]", "target", "ok?"];
+        let cells: Vec<[String; 6]> = self
+            .rows
+            .iter()
+            .map(|row| {
+                let ok = match row.ok {
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                    None => "",
+                };
+                [
+                    row.metric.clone(),
+                    row.figure.clone(),
+                    row.baseline.clone(),
+                    row.ratio.clone(),
+                    row.target.clone(),
+                    ok.to_string(),
+                ]
+            })
+            .collect();
+        let mut widths = header.map(|h| h.chars().count());
+        for row in &cells {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        println!("\n== offload link bench ({}) ==", config.binary.display());
+        for note in &self.notes {
+            println!("  {note}");
+        }
+        println!("  load average at the end: {}", load_average());
+        println!();
+        print_line(&header.map(str::to_string), &widths);
+        println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-"));
+        for row in &cells {
+            print_line(row, &widths);
+        }
+        let checked = self.rows.iter().filter(|row| row.ok.is_some()).count();
+        println!("\nsummary: {} of {checked} targets met", checked - self.missed());
+        for row in self.rows.iter().filter(|row| row.ok == Some(false)) {
+            println!("  missed: {} ({}, ratio {}, target {})", row.metric, row.figure, row.ratio, row.target);
+        }
+        println!(
+            "ratios are figure/baseline: the median of per-round ratios, with a bootstrap 95% interval; \
+             figure and baseline columns are medians over rounds"
+        );
+    }
+}
+
+fn print_line(cells: &[String; 6], widths: &[usize; 6]) {
+    let padded: Vec<String> =
+        cells.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}", width = *width)).collect();
+    println!("{}", padded.join(" | ").trim_end());
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".to_string())
+}
