@@ -14,7 +14,6 @@ use std::fmt::Display;
 use std::future::Future;
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -640,8 +639,12 @@ async fn bulk_phase(
 /// Writes back the previous upload's dirty pages before the next one is timed, so that
 /// no variant pays for the other's 1 GiB of writeback.
 async fn flush_dirty_pages() -> Result<()> {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await.context("sync")
+    let status = tokio::process::Command::new("sync").status().await.context("sync")?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("sync failed: {status}").into())
+    }
 }
 
 /// Streams a tar holding one `size`-byte file of random bytes to the container's
@@ -1215,40 +1218,30 @@ impl ProxyProcess {
     fn spawn(config: &Config, dir: &Path) -> Result<ProxyProcess> {
         let socket = dir.join("offload.sock");
         let log = dir.join("proxy.log");
-        let mut command = match &config.proxy {
+        // If the bench is killed outright (SIGKILL, no guards run), the kernel still
+        // sends the proxy SIGTERM (util-linux `setpriv --pdeathsig`), so it never
+        // outlives the bench.
+        let mut command = Command::new("setpriv");
+        command.args(["--pdeathsig", "TERM", "--"]);
+        match &config.proxy {
             ProxyKind::Offload(binary) => {
-                let mut command = Command::new(binary);
                 command
+                    .arg(binary)
                     .arg("proxy")
                     .arg("--listen")
                     .arg(format!("unix://{}", socket.display()))
                     .arg("--docker")
                     .arg(format!("unix://{}", config.engine.display()));
-                command
             }
             ProxyKind::Socat => {
-                let mut command = Command::new("socat");
                 command
+                    .arg("socat")
                     .arg(format!("UNIX-LISTEN:{},fork,mode=600", socket.display()))
                     .arg(format!("UNIX-CONNECT:{}", config.engine.display()));
-                command
             }
-        };
+        }
         let output = std::fs::File::create(&log).context("creating the proxy log")?;
         let errors = output.try_clone().context("sharing the proxy log")?;
-        // If the bench is killed outright (SIGKILL, no guards run), the kernel still
-        // sends the proxy SIGTERM, so it never outlives the bench.
-        // SAFETY: the closure runs in the forked child before exec and only calls
-        // prctl(2), which is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
         let child = command
             .stdin(Stdio::null())
             .stdout(output)
@@ -1303,9 +1296,9 @@ impl ProxyProcess {
     fn stop(&mut self) -> Result<(Duration, ExitStatus)> {
         let mut child = self.child.take().ok_or("the proxy was already stopped")?;
         let started = Instant::now();
-        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not yet reaped
-        // (we hold its `Child`), so it cannot name an unrelated process.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        // `pid` is our own child, not yet reaped (we hold its `Child`), so it
+        // cannot name an unrelated process.
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         while started.elapsed() < PROXY_STOP_TIMEOUT {
             if let Some(status) = child.try_wait().context("waiting for the proxy")? {
                 return Ok((started.elapsed(), status));
@@ -1337,27 +1330,28 @@ impl Drop for ProxyProcess {
 /// Raises the soft RLIMIT_NOFILE to `wanted` (up to the hard limit); returns the
 /// limit in force, or an error if it is still too low for the streams asked for.
 fn raise_nofile_limit(wanted: u64) -> Result<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit only writes the struct we pass, which outlives the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(format!("getrlimit: {}", std::io::Error::last_os_error()).into());
-    }
-    if limit.rlim_cur < wanted {
-        limit.rlim_cur = wanted.min(limit.rlim_max);
-        // SAFETY: setrlimit only reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-            return Err(format!("setrlimit: {}", std::io::Error::last_os_error()).into());
-        }
-    }
-    if limit.rlim_cur < wanted {
+    // util-linux `prlimit` on our own pid (no unsafe code needed): the soft
+    // limit goes up to the hard one, generously, because the proxy inherits it
+    // and needs more fds per stream than the bench does.
+    let pid = std::process::id().to_string();
+    let read = |column: &str| -> u64 {
+        Command::new("prlimit")
+            .args(["--pid", &pid, "--nofile", "--raw", "--noheadings", "--output", column])
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let hard = read("HARD");
+    let _ = Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={hard}:{hard}")]).status();
+    let soft = read("SOFT");
+    if soft < wanted {
         return Err(format!(
-            "RLIMIT_NOFILE hard limit {} is below the {wanted} fds needed; \
-             lower OFFLOAD_BENCH_STREAMS",
-            limit.rlim_max
+            "RLIMIT_NOFILE is {soft}, below the {wanted} fds needed; lower OFFLOAD_BENCH_STREAMS"
         )
         .into());
     }
-    Ok(limit.rlim_cur)
+    Ok(soft)
 }
 
 // ---------------------------------------------------------------------------------
@@ -1411,11 +1405,13 @@ fn tree_fds(root: u32) -> usize {
 
 /// User + system CPU seconds of the tree, including children it already reaped.
 fn tree_cpu_secs(root: u32) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks_per_sec = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
-        ticks if ticks > 0 => ticks as f64,
-        _ => 100.0,
-    };
+    let ticks_per_sec = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0);
     let ticks: u64 = process_tree(root)
         .into_iter()
         .filter_map(stat_fields)
