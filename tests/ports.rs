@@ -250,15 +250,75 @@ fn compose_services_publish_their_ports() {
 }
 
 #[test]
-fn the_agent_forwards_only_to_its_own_loopback() {
+fn the_proxy_refuses_connect_from_clients() {
     let netns = NetNs::new();
     let proxy = Proxy::start_in_netns(&netns);
     let response = raw_exchange(
         &proxy.socket,
-        b"CONNECT 192.0.2.1:80 HTTP/1.1\r\nHost: 192.0.2.1:80\r\n\r\n",
+        b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n",
         Duration::from_secs(10),
     );
     let text = String::from_utf8_lossy(&response);
-    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
-    assert!(text.contains("forwards only to its own loopback"), "{text}");
+    assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+    assert!(text.contains("CONNECT is not part of the Docker API"), "{text}");
+}
+
+/// Speaks the link to an agent directly, as a proxy (or an attacker with
+/// access to the agent) would: only the agent's own loopback is a target.
+#[tokio::test]
+async fn the_agent_forwards_only_to_its_own_loopback() {
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper::body::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let socket = dir.path().join("agent.sock");
+    let args = [
+        "--listen".to_string(),
+        format!("unix://{}", socket.display()),
+        "--insecure".into(),
+        "--state-dir".into(),
+        dir.path().join("state").display().to_string(),
+    ];
+    let (_agent, _) = AgentProcess::start(dir.path(), &args);
+    let io = tokio::net::UnixStream::connect(&socket).await.expect("agent");
+    let (mut link, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .expect("h2");
+    tokio::spawn(connection);
+    let session = hyper::Request::post("http://agent/_offload/v1/session")
+        .body(Full::new(Bytes::from_static(b"{}")).boxed())
+        .expect("request");
+    assert!(link.send_request(session).await.expect("session").status().is_success());
+
+    let connect = |target: String| {
+        hyper::Request::connect(target).body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
+    };
+    // Anything but loopback is refused, with a reason.
+    let refused = link.send_request(connect("192.0.2.1:80".into()).expect("request")).await.expect("answer");
+    assert_eq!(refused.status(), 403);
+    let body = refused.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("forwards only to its own loopback"), "{body:?}");
+
+    // Loopback is tunnelled, bytes both ways.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("echo");
+    let port = echo.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let (mut stream, _) = echo.accept().await.expect("accept");
+        let mut buffer = [0u8; 5];
+        stream.read_exact(&mut buffer).await.expect("read");
+        stream.write_all(&buffer.to_ascii_uppercase()).await.expect("write");
+    });
+    let mut tunnel =
+        link.send_request(connect(format!("127.0.0.1:{port}")).expect("request")).await.expect("answer");
+    assert_eq!(tunnel.status(), 200);
+    let upgraded = hyper::upgrade::on(&mut tunnel).await.expect("upgrade");
+    let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
+    upgraded.write_all(b"hello").await.expect("send");
+    let mut answer = [0u8; 5];
+    upgraded.read_exact(&mut answer).await.expect("receive");
+    assert_eq!(&answer, b"HELLO");
 }

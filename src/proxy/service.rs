@@ -36,6 +36,13 @@ pub async fn handle(
     watch: Arc<HangupWatch>,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if request.method() == http::Method::CONNECT {
+        // The Docker API has no CONNECT; the proxy opens port forwards itself.
+        return Ok(error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not part of the Docker API; published ports are forwarded by offload itself",
+        ));
+    }
     let route = classify(request.method(), request.uri().path());
     let started = container_started(request.method(), request.uri().path()).map(str::to_string);
     let stopped = container_stopped(request.method(), request.uri().path()).map(str::to_string);
