@@ -15,44 +15,46 @@
 #[path = "../tests/support/delay.rs"]
 mod delay;
 
+mod common;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::error::Error as StdError;
 use std::fmt::Display;
-use std::future::Future;
-use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use delay::DelayRelay;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{CONTENT_TYPE, HOST};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-/// Host header for every request: the engine ignores it, HTTP/1.1 requires one.
-const API_HOST: &str = "docker";
+use common::engine::{
+    api_expect, api_json, expect_status, open_connection, remove_container_blocking, request, ApiClient,
+    Container,
+};
+use common::procfs::{load_average, process_tree, stat_fields};
+use common::stats::{bootstrap_interval, median, megabytes_per_sec, micros};
+use common::upload::{verify_upload, TarUpload};
+use common::{guarded_command, DOCKER_CLI};
+use common::{is_running, print_line, within, BoxError, Context, Result, API_HOST, DEFAULT_IMAGE};
+
 /// Label on every container the bench creates; its value is the bench's pid, so a
 /// later run can tell leftovers of a killed run from containers of a live one.
 const LABEL: &str = "offload-link-bench.pid";
 /// Prefix of the bench's temporary directory, followed by the bench's pid.
 const TEMP_PREFIX: &str = "offload-link-bench-";
-const DEFAULT_IMAGE: &str = "offload-test/busybox:latest";
-const DOCKER_CLI: &str = "/usr/local/bin/docker";
 const SSHD_CANDIDATES: &[&str] = &["/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd"];
 /// `ssh` config host names: straight to the bench's sshd, or through the delay relay.
 const SSH_LOOPBACK: &str = "offload-bench-lo";
@@ -62,24 +64,8 @@ const SSH_WAN: &str = "offload-bench-wan";
 const SSH_CIPHER: &str = "aes128-gcm@openssh.com";
 /// Name of the one file inside the uploaded tar.
 const BULK_FILE: &str = "offload-link-bench.bin";
-/// Size of each chunk of an upload body (the docker CLI copies with 32 KiB buffers).
-const UPLOAD_CHUNK: usize = 64 * 1024;
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-type BoxError = Box<dyn StdError + Send + Sync>;
-type Result<T> = std::result::Result<T, BoxError>;
-
-/// `anyhow`-style context without the dependency.
-trait Context<T> {
-    fn context(self, what: impl Display) -> Result<T>;
-}
-
-impl<T, E: Display> Context<T> for std::result::Result<T, E> {
-    fn context(self, what: impl Display) -> Result<T> {
-        self.map_err(|err| format!("{what}: {err}").into())
-    }
-}
 
 // ---------------------------------------------------------------------------------
 // Configuration
@@ -545,18 +531,6 @@ fn start_relay(target: SocketAddr, rtt: Duration) -> Result<DelayRelay> {
     std::thread::spawn(move || DelayRelay::start(target, rtt))
         .join()
         .map_err(|_| "starting the delay relay panicked".into())
-}
-
-/// A command run under `setpriv --pdeathsig`, so that it gets SIGTERM if the bench is
-/// killed outright (SIGKILL, no guard runs). Falls back to a plain command.
-fn guarded_command(program: &Path) -> Command {
-    if Path::new("/usr/bin/setpriv").exists() {
-        let mut command = Command::new("/usr/bin/setpriv");
-        command.args(["--pdeathsig", "TERM", "--"]).arg(program);
-        command
-    } else {
-        Command::new(program)
-    }
 }
 
 /// A long-running child process of the bench (agent, proxy, ssh, sshd); stopped with
@@ -1344,7 +1318,7 @@ async fn docker_ps(host: &str, path: &str, docker_config: &Path) -> Result<f64> 
 async fn latency_phase(config: &Config, rig: &Rig, report: &mut Report) -> Result<()> {
     // `/version` would time the engine running `runc --version` and friends each time.
     let container =
-        Container::create(&config.engine, json!({"Image": config.image, "Cmd": ["true"]})).await?;
+        Container::create(&config.engine, LABEL, json!({"Image": config.image, "Cmd": ["true"]})).await?;
     let inspect = format!("/containers/{}/json", container.id);
     let paths = ["/_ping", inspect.as_str(), "/containers/json"];
     let names = ["/_ping", "/containers/{id}/json", "/containers/json"];
@@ -1408,7 +1382,7 @@ async fn latency_phase(config: &Config, rig: &Rig, report: &mut Report) -> Resul
 
 async fn parallel_phase(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report) -> Result<()> {
     let container =
-        Container::create(&config.engine, json!({"Image": config.image, "Cmd": ["true"]})).await?;
+        Container::create(&config.engine, LABEL, json!({"Image": config.image, "Cmd": ["true"]})).await?;
     let path = format!("/containers/{}/json", container.id);
     let sockets = [config.engine.clone(), rig.proxy_wan()?.socket.clone()];
     let mut walls = Paired::default();
@@ -1485,11 +1459,13 @@ async fn echo_phase(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report
     let socket = rig.proxy_wan()?.socket.clone();
     let cat = Container::create(
         &config.engine,
+        LABEL,
         json!({"Image": config.image, "Cmd": ["cat"], "OpenStdin": true, "StdinOnce": false}),
     )
     .await?;
     cat.start().await?;
-    let sink = Container::create(&config.engine, json!({"Image": config.image, "Cmd": ["true"]})).await?;
+    let sink =
+        Container::create(&config.engine, LABEL, json!({"Image": config.image, "Cmd": ["true"]})).await?;
 
     // The engine's own echo (direct socket, no link, no delay), then the idle link.
     let direct = timed_echo(&config.engine, &cat.id, config).await?;
@@ -1511,7 +1487,7 @@ async fn echo_phase(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report
     let loaded = echo_run(&socket, &cat.id, config.echo_interval, stop.clone()).await;
     let uploaded = upload_task.await.context("the upload task")?;
     let (loaded, (upload_time, upload_bytes)) = (loaded?, uploaded?);
-    verify_upload(&config.engine, &sink.id, size).await?;
+    verify_upload(&config.engine, &sink.id, BULK_FILE, size).await?;
     if loaded.len() < 50 {
         report.note(format!(
             "echo under load: only {} samples (the upload ended in {:.1} s); raise OFFLOAD_LINK_BENCH_LOAD_MIB",
@@ -1732,10 +1708,10 @@ enum Verify {
 impl Verify {
     async fn check(&self, size: u64) -> Result<()> {
         match self {
-            Verify::Container { engine, id } => verify_upload(engine, id, size).await,
+            Verify::Container { engine, id } => verify_upload(engine, id, BULK_FILE, size).await,
             Verify::Null(received) => {
                 let got = received.load(Ordering::SeqCst);
-                let want = TarUpload::new(size).total_len();
+                let want = TarUpload::new(BULK_FILE, size).total_len();
                 if got == want {
                     Ok(())
                 } else {
@@ -1761,7 +1737,7 @@ async fn bulk_phase(config: &Config, rig: &Rig, report: &mut Report) -> Result<(
     let proxy_ssh_null = rig.proxy_ssh_null.as_ref().ok_or("the ssh-link proxy is not running")?;
 
     let container =
-        Container::create(&config.engine, json!({"Image": config.image, "Cmd": ["true"]})).await?;
+        Container::create(&config.engine, LABEL, json!({"Image": config.image, "Cmd": ["true"]})).await?;
     let targets = [
         BulkTarget {
             label: "real engine",
@@ -1914,7 +1890,7 @@ fn archive_path(id: &str) -> String {
 /// Streams a tar holding one `size`-byte file of random bytes to `path`. Returns the
 /// time from sending the request to the complete response, and the body bytes sent.
 async fn upload(socket: &Path, path: &str, size: u64) -> Result<(Duration, u64)> {
-    let body = TarUpload::new(size);
+    let body = TarUpload::new(BULK_FILE, size);
     let body_bytes = body.total_len();
     // No Content-Length: hyper sends the body chunked, as the CLI does.
     let mut request = request(Method::PUT, path, body)?;
@@ -1933,254 +1909,9 @@ async fn upload(socket: &Path, path: &str, size: u64) -> Result<(Duration, u64)>
     Ok((started.elapsed(), body_bytes))
 }
 
-/// Checks with `HEAD .../archive` that the file in the container has the full size.
-async fn verify_upload(engine: &Path, id: &str, size: u64) -> Result<()> {
-    let path = format!("/containers/{id}/archive?path=/tmp/{BULK_FILE}");
-    let mut sender = open_connection::<Empty<Bytes>>(engine).await?;
-    let response = sender
-        .send_request(request(Method::HEAD, &path, Empty::new())?)
-        .await
-        .context(format!("HEAD {path}"))?;
-    expect_status(&response, StatusCode::OK, &path)?;
-    let stat = response
-        .headers()
-        .get("X-Docker-Container-Path-Stat")
-        .ok_or("HEAD archive: no X-Docker-Container-Path-Stat header")?;
-    let stat: Value =
-        serde_json::from_slice(&base64_decode(stat.as_bytes())?).context("HEAD archive: bad path stat")?;
-    match stat["size"].as_u64() {
-        Some(got) if got == size => Ok(()),
-        got => Err(format!("uploaded {size} bytes but the container has {got:?}").into()),
-    }
-}
-
-/// A chunked request body: a tar with one file of fresh pseudo-random bytes,
-/// generated chunk by chunk, so that nothing can compress or deduplicate it.
-struct TarUpload {
-    header: Option<Bytes>,
-    remaining: u64,
-    trailer: Option<Bytes>,
-    rng: WyRand,
-    size: u64,
-}
-
-impl TarUpload {
-    fn new(size: u64) -> TarUpload {
-        let padding = (512 - (size % 512) as usize) % 512;
-        TarUpload {
-            header: Some(Bytes::copy_from_slice(&tar_header(BULK_FILE, size))),
-            remaining: size,
-            trailer: Some(Bytes::from(vec![0u8; padding + 1024])),
-            rng: WyRand(size ^ 0x6f66_666c_6f61_6421),
-            size,
-        }
-    }
-
-    fn total_len(&self) -> u64 {
-        512 + self.size.div_ceil(512) * 512 + 1024
-    }
-}
-
-impl Body for TarUpload {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        if let Some(header) = this.header.take() {
-            return Poll::Ready(Some(Ok(Frame::data(header))));
-        }
-        if this.remaining > 0 {
-            let len = this.remaining.min(UPLOAD_CHUNK as u64) as usize;
-            let mut chunk = vec![0u8; len];
-            this.rng.fill(&mut chunk);
-            this.remaining -= len as u64;
-            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))));
-        }
-        Poll::Ready(this.trailer.take().map(|trailer| Ok(Frame::data(trailer))))
-    }
-}
-
-/// A ustar header for a regular file owned by root (GNU base-256 size from 8 GiB).
-fn tar_header(name: &str, size: u64) -> [u8; 512] {
-    let mut header = [0u8; 512];
-    header[..name.len()].copy_from_slice(name.as_bytes());
-    header[100..108].copy_from_slice(b"0000644\0");
-    header[108..116].copy_from_slice(b"0000000\0");
-    header[116..124].copy_from_slice(b"0000000\0");
-    if size < 8 << 30 {
-        header[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    } else {
-        header[124] = 0x80;
-        header[128..136].copy_from_slice(&size.to_be_bytes());
-    }
-    header[136..148].copy_from_slice(b"00000000000\0");
-    header[156] = b'0';
-    header[257..263].copy_from_slice(b"ustar\0");
-    header[263..265].copy_from_slice(b"00");
-    header[148..156].copy_from_slice(b"        ");
-    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
-    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    header
-}
-
-/// wyrand: a tiny, fast PRNG (about 1 ns per 8 bytes).
-struct WyRand(u64);
-
-impl WyRand {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
-        let product = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
-        ((product >> 64) as u64) ^ (product as u64)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let word = self.next().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        (self.next() % bound as u64) as usize
-    }
-}
-
-fn base64_decode(text: &[u8]) -> Result<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' | b'-' => Some(62),
-            b'/' | b'_' => Some(63),
-            _ => None,
-        }
-    }
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &c in text.iter().filter(|&&c| c != b'=') {
-        acc = (acc << 6) | value(c).ok_or("invalid base64")?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
-}
-
 // ---------------------------------------------------------------------------------
 // A minimal Engine API client
 // ---------------------------------------------------------------------------------
-
-/// Opens one HTTP/1.1 connection on a unix socket; the connection task ends when the
-/// sender and the last response body are dropped.
-async fn open_connection<B>(socket: &Path) -> Result<SendRequest<B>>
-where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let stream = UnixStream::connect(socket).await.context(format!("connecting to {}", socket.display()))?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.context("HTTP/1.1 handshake")?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(sender)
-}
-
-fn request<B>(method: Method, path: &str, body: B) -> Result<Request<B>> {
-    Request::builder()
-        .method(method)
-        .uri(path)
-        .header(HOST, API_HOST)
-        .body(body)
-        .context(format!("building a request for {path}"))
-}
-
-fn expect_status(response: &Response<Incoming>, want: StatusCode, what: &str) -> Result<()> {
-    if response.status() == want {
-        Ok(())
-    } else {
-        Err(format!("{what}: answered {}, expected {want}", response.status()).into())
-    }
-}
-
-/// A keep-alive client for sequential GETs.
-struct ApiClient {
-    sender: SendRequest<Empty<Bytes>>,
-}
-
-impl ApiClient {
-    async fn connect(socket: &Path) -> Result<ApiClient> {
-        Ok(ApiClient { sender: open_connection(socket).await? })
-    }
-
-    async fn get(&mut self, path: &str) -> Result<Bytes> {
-        self.sender.ready().await.context("connection closed")?;
-        let response = self
-            .sender
-            .send_request(request(Method::GET, path, Empty::new())?)
-            .await
-            .context(format!("GET {path}"))?;
-        expect_status(&response, StatusCode::OK, path)?;
-        let body = response.into_body().collect().await.context(format!("body of {path}"))?;
-        Ok(body.to_bytes())
-    }
-
-    /// Times `count` sequential GETs, request sent to body read; nanoseconds.
-    async fn time_gets(&mut self, path: &str, count: usize) -> Result<Vec<u64>> {
-        let mut samples = Vec::with_capacity(count);
-        for _ in 0..count {
-            let started = Instant::now();
-            self.get(path).await?;
-            samples.push(started.elapsed().as_nanos() as u64);
-        }
-        Ok(samples)
-    }
-}
-
-async fn api_json(
-    engine: &Path,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> Result<(StatusCode, Value)> {
-    let mut sender = open_connection::<Full<Bytes>>(engine).await?;
-    let payload = body.map(|value| value.to_string()).unwrap_or_default();
-    let mut request = request(method.clone(), path, Full::new(Bytes::from(payload)))?;
-    request.headers_mut().insert(CONTENT_TYPE, "application/json".parse().expect("static header value"));
-    let response = sender.send_request(request).await.context(format!("{method} {path}"))?;
-    let status = response.status();
-    let bytes = response.into_body().collect().await.context(format!("body of {path}"))?.to_bytes();
-    let value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-    };
-    Ok((status, value))
-}
-
-async fn api_expect(
-    engine: &Path,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-    want: StatusCode,
-) -> Result<Value> {
-    let (status, value) = api_json(engine, method.clone(), path, body).await?;
-    if status == want {
-        Ok(value)
-    } else {
-        Err(format!("{method} {path}: {status}: {}", value["message"].as_str().unwrap_or(&value.to_string()))
-            .into())
-    }
-}
 
 async fn describe_engine(engine: &Path, report: &mut Report) -> Result<()> {
     let version = api_expect(engine, Method::GET, "/version", None, StatusCode::OK)
@@ -2248,91 +1979,9 @@ fn sweep_temp_dirs() {
     }
 }
 
-fn is_running(pid: &str) -> bool {
-    pid.parse::<u32>().is_ok() && Path::new("/proc").join(pid).exists()
-}
-
-/// A container the bench created; force-removed on drop, whatever ended the bench.
-struct Container {
-    engine: PathBuf,
-    id: String,
-}
-
-impl Container {
-    async fn create(engine: &Path, mut spec: Value) -> Result<Container> {
-        spec["Labels"] = json!({ LABEL: std::process::id().to_string() });
-        let created =
-            api_expect(engine, Method::POST, "/containers/create", Some(spec), StatusCode::CREATED).await?;
-        let id = created["Id"].as_str().ok_or("container create: no Id in the answer")?;
-        Ok(Container { engine: engine.to_path_buf(), id: id.to_string() })
-    }
-
-    async fn start(&self) -> Result<()> {
-        let path = format!("/containers/{}/start", self.id);
-        api_expect(&self.engine, Method::POST, &path, None, StatusCode::NO_CONTENT).await?;
-        Ok(())
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        if let Err(err) = remove_container_blocking(&self.engine, &self.id) {
-            eprintln!(
-                "warning: could not remove container {}: {err}; run `docker rm -f {}`",
-                self.id, self.id
-            );
-        }
-    }
-}
-
-/// `DELETE /containers/{id}?force=1&v=1` with blocking std I/O, so that it works in
-/// `Drop`, during a panic, and outside any runtime.
-fn remove_container_blocking(engine: &Path, id: &str) -> Result<()> {
-    let mut stream = std::os::unix::net::UnixStream::connect(engine).context("connecting to the engine")?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).context("setting a timeout")?;
-    let request = format!(
-        "DELETE /containers/{id}?force=1&v=1 HTTP/1.1\r\nHost: {API_HOST}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).context("sending DELETE")?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).context("reading the DELETE answer")?;
-    let status = answer.lines().next().unwrap_or_default();
-    if status.contains(" 204 ") || status.contains(" 404 ") {
-        Ok(())
-    } else {
-        Err(format!("DELETE answered {status:?}").into())
-    }
-}
-
 // ---------------------------------------------------------------------------------
 // /proc readings
 // ---------------------------------------------------------------------------------
-
-/// `pid` and all its descendants.
-fn process_tree(root: u32) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| Some((pid, stat_fields(pid)?.get(1)?.parse().ok()?)))
-        .collect();
-    let mut tree = vec![root];
-    let mut next = 0;
-    while next < tree.len() {
-        let parent = tree[next];
-        tree.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
-        next += 1;
-    }
-    tree
-}
-
-/// The fields of /proc/PID/stat after the command name (field 3, `state`, first).
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
 
 /// User + system CPU seconds of the given processes and their live descendants
 /// (and of children they already reaped).
@@ -2415,47 +2064,8 @@ impl Paired {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
-}
-
-/// 2.5th and 97.5th percentiles of the median over 2000 resamples (fixed seed).
-fn bootstrap_interval(values: &[f64]) -> (f64, f64) {
-    if values.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let mut rng = WyRand(0x0ff1_0ad0);
-    let mut medians: Vec<f64> = (0..2000)
-        .map(|_| median((0..values.len()).map(|_| values[rng.below(values.len())]).collect()))
-        .collect();
-    medians.sort_by(f64::total_cmp);
-    (medians[50], medians[1949])
-}
-
 fn progress(what: &str, figures: String) {
     println!("    {what}: {figures}");
-}
-
-fn megabytes_per_sec(bytes: u64, elapsed: Duration) -> f64 {
-    bytes as f64 / 1e6 / elapsed.as_secs_f64()
-}
-
-fn micros(nanos: f64) -> String {
-    format!("{:.1}", nanos / 1000.0)
-}
-
-/// Bounds a step in time, so that a hung process fails the bench instead of stalling it.
-async fn within<T>(limit: Duration, what: impl Display, step: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(limit, step).await.map_err(|_| format!("{what}: no answer within {limit:?}"))?
 }
 
 // ---------------------------------------------------------------------------------
@@ -2612,16 +2222,4 @@ impl Report {
              figure and baseline columns are medians over rounds"
         );
     }
-}
-
-fn print_line(cells: &[String; 6], widths: &[usize; 6]) {
-    let padded: Vec<String> =
-        cells.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}", width = *width)).collect();
-    println!("{}", padded.join(" | ").trim_end());
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".to_string())
 }

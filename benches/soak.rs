@@ -18,8 +18,9 @@
 #[path = "../tests/support/delay.rs"]
 mod delay;
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
-use std::error::Error as StdError;
 use std::fmt::Display;
 use std::future::Future;
 use std::io::{Read as _, Write as _};
@@ -45,8 +46,11 @@ use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-/// Host header for every request: the engine ignores it, HTTP/1.1 requires one.
-const API_HOST: &str = "docker";
+use common::engine::expect_status;
+use common::procfs::load_average;
+use common::stats::WyRand;
+use common::{guarded_command, is_running, Context, Result, API_HOST, DEFAULT_IMAGE, DOCKER_CLI};
+
 /// Label on everything the soak creates; its value is the soak's pid, so a later run
 /// can tell leftovers of a killed run from the resources of a live one.
 const LABEL: &str = "offload-soak.pid";
@@ -54,25 +58,9 @@ const LABEL: &str = "offload-soak.pid";
 const NAME_PREFIX: &str = "offload-soak-";
 /// The label the agent puts on what a session creates.
 const SESSION_LABEL: &str = "offload.session";
-const DEFAULT_IMAGE: &str = "offload-test/busybox:latest";
-const DOCKER_CLI: &str = "/usr/local/bin/docker";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
-
-type BoxError = Box<dyn StdError + Send + Sync>;
-type Result<T> = std::result::Result<T, BoxError>;
-
-/// `anyhow`-style context without the dependency.
-trait Context<T> {
-    fn context(self, what: impl Display) -> Result<T>;
-}
-
-impl<T, E: Display> Context<T> for std::result::Result<T, E> {
-    fn context(self, what: impl Display) -> Result<T> {
-        self.map_err(|err| format!("{what}: {err}").into())
-    }
-}
 
 // ---------------------------------------------------------------------------------
 // Configuration
@@ -847,18 +835,6 @@ impl Rig {
     }
 }
 
-/// A command run under `setpriv --pdeathsig`, so that it gets SIGTERM if the soak is
-/// killed outright (SIGKILL, no guard runs). Falls back to a plain command.
-fn guarded_command(program: &Path) -> Command {
-    if Path::new("/usr/bin/setpriv").exists() {
-        let mut command = Command::new("/usr/bin/setpriv");
-        command.args(["--pdeathsig", "TERM", "--"]).arg(program);
-        command
-    } else {
-        Command::new(program)
-    }
-}
-
 /// The agent or the proxy; stopped with SIGTERM (then SIGKILL) on drop.
 struct Daemon {
     name: String,
@@ -1475,14 +1451,6 @@ fn build(method: Method, path: &str, body: Option<Value>) -> Result<Request<Full
     builder.body(Full::new(Bytes::from(payload))).context(format!("building a request for {path}"))
 }
 
-fn expect_status(response: &Response<Incoming>, want: StatusCode, what: &str) -> Result<()> {
-    if response.status() == want {
-        Ok(())
-    } else {
-        Err(format!("{what}: answered {}, expected {want}", response.status()).into())
-    }
-}
-
 fn json_of(bytes: &[u8]) -> Result<Value> {
     serde_json::from_slice(bytes).context(format!("not JSON: {:?}", String::from_utf8_lossy(bytes)))
 }
@@ -1665,10 +1633,6 @@ fn owner_of(name: &str) -> Option<String> {
     pid.parse::<u32>().ok().map(|_| pid.to_string())
 }
 
-fn is_running(pid: &str) -> bool {
-    pid.parse::<u32>().is_ok() && Path::new("/proc").join(pid).exists()
-}
-
 /// Force-removes the containers, volumes and networks of one soak run; returns how many.
 fn sweep_pid(engine: &Path, pid: &str) -> usize {
     let prefix = format!("{NAME_PREFIX}{pid}-");
@@ -1797,12 +1761,6 @@ fn unix_sockets(pid: u32) -> usize {
         .count()
 }
 
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".to_string())
-}
-
 // ---------------------------------------------------------------------------------
 // Statistics
 // ---------------------------------------------------------------------------------
@@ -1886,25 +1844,6 @@ impl Stats {
 fn percentile(sorted: &[u64], q: f64) -> u64 {
     let index = ((q * sorted.len() as f64).ceil() as usize).saturating_sub(1);
     sorted.get(index).copied().unwrap_or(0)
-}
-
-/// wyrand: small, fast, good enough for picking ops and cut moments.
-struct WyRand(u64);
-
-impl WyRand {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
-        let t = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
-        ((t >> 64) ^ t) as u64
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        (self.next() % bound.max(1) as u64) as usize
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -2285,7 +2224,12 @@ impl Report {
                 ));
             }
         }
-        rows.push(("left on the engine".into(), format!("{} (must be 0)", self.leftovers.len())));
+        let names = if self.leftovers.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", self.leftovers.join(", "))
+        };
+        rows.push(("left on the engine".into(), format!("{} (must be 0){names}", self.leftovers.len())));
         let failures = self.failures(config);
         rows.push((
             "verdict".into(),

@@ -1,0 +1,79 @@
+//! Code shared by the three benchmarks (`proxy`, `link`, `soak`): errors with
+//! context, time bounds, Engine API requests over a unix socket, container guards,
+//! the streamed random tar upload, statistics and /proc readings.
+//!
+//! Each bench includes this with `mod common;`. This is a directory with `mod.rs`, so
+//! cargo does not take it for a bench target of its own.
+
+// Each bench compiles this module on its own and uses only part of it (the soak has
+// no uploads or paired statistics, for example), so what one bench leaves unused is
+// not dead code.
+#![allow(dead_code)]
+
+pub mod engine;
+pub mod procfs;
+pub mod stats;
+pub mod upload;
+
+use std::error::Error as StdError;
+use std::fmt::Display;
+use std::future::Future;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+pub type Result<T> = std::result::Result<T, BoxError>;
+
+/// `anyhow`-style context without the dependency: turns any displayable error into a
+/// message that says what the bench was doing.
+pub trait Context<T> {
+    fn context(self, what: impl Display) -> Result<T>;
+}
+
+impl<T, E: Display> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl Display) -> Result<T> {
+        self.map_err(|err| format!("{what}: {err}").into())
+    }
+}
+
+/// Host header for every request: the engine ignores it, but HTTP/1.1 (and Go's
+/// server) requires one.
+pub const API_HOST: &str = "docker";
+
+pub const DEFAULT_IMAGE: &str = "offload-test/busybox:latest";
+
+/// Bounds a step in time, so that a hung proxy fails the bench instead of stalling it.
+pub async fn within<T>(
+    limit: Duration,
+    what: impl Display,
+    step: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, step).await.map_err(|_| format!("{what}: no answer within {limit:?}"))?
+}
+
+/// Whether `pid` (as text, from a label or a directory name) is a live process.
+pub fn is_running(pid: &str) -> bool {
+    pid.parse::<u32>().is_ok() && Path::new("/proc").join(pid).exists()
+}
+
+pub fn print_line(cells: &[String; 6], widths: &[usize; 6]) {
+    let padded: Vec<String> =
+        cells.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}", width = *width)).collect();
+    println!("{}", padded.join(" | ").trim_end());
+}
+
+pub const DOCKER_CLI: &str = "/usr/local/bin/docker";
+
+/// A command run under `setpriv --pdeathsig`, so that it gets SIGTERM if the soak is
+/// killed outright (SIGKILL, no guard runs). Falls back to a plain command.
+pub fn guarded_command(program: &Path) -> Command {
+    if Path::new("/usr/bin/setpriv").exists() {
+        let mut command = Command::new("/usr/bin/setpriv");
+        command.args(["--pdeathsig", "TERM", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
