@@ -10,6 +10,10 @@ use super::service::AgentState;
 use super::session::Session;
 use crate::lifecycle::Lifecycle;
 
+/// Further cleanup passes when one left something (each re-lists what remains).
+const CLEANUP_RETRIES: usize = 3;
+const CLEANUP_RETRY_DELAY: Duration = Duration::from_secs(1);
+
 /// How often records are rewritten while a session is busy.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -68,7 +72,22 @@ pub async fn end_session(state: &AgentState, session: &Session, why: &str) -> su
         return super::cleanup::Removed::default();
     }
     tracing::info!(session = %session.id, reason = why, "session ended; cleaning up");
-    let removed = clean_up(&state.engine, session, state.sessions.config.purge_build_cache).await;
+    let purge = state.sessions.config.purge_build_cache;
+    let mut removed = clean_up(&state.engine, session, purge).await;
+    // A removal can race the engine's own work (an `--rm` container still
+    // being removed holds its volume: 409): try again shortly, a few times.
+    for _ in 0..CLEANUP_RETRIES {
+        if removed.failures.is_empty() {
+            break;
+        }
+        tokio::time::sleep(CLEANUP_RETRY_DELAY).await;
+        let again = clean_up(&state.engine, session, purge).await;
+        removed.containers += again.containers;
+        removed.images += again.images;
+        removed.volumes += again.volumes;
+        removed.networks += again.networks;
+        removed.failures = again.failures;
+    }
     let complete = removed.failures.is_empty();
     if !complete {
         tracing::warn!(session = %session.id, failures = ?removed.failures, "cleanup incomplete; the record stays for the next agent start");
