@@ -480,6 +480,16 @@ async fn soak(config: &Config, rig: &mut Rig, report: &mut Report) -> Result<()>
     progress.abort();
     control.abort();
     control_run.abort();
+    // An aborted control run may leave its container (made straight at the
+    // engine, not through offload): remove it so it is not counted as a leftover.
+    for container in own_resources(&config.engine, pid).await.unwrap_or_default() {
+        if let Some(name) = container.strip_prefix("container ").and_then(|c| c.split(' ').next()) {
+            if name.contains("-ctl-") {
+                let path = format!("/containers/{name}?force=1");
+                let _ = api_expect(&config.engine, Method::DELETE, &path, None, StatusCode::NO_CONTENT).await;
+            }
+        }
+    }
     let load_elapsed = started.elapsed();
     println!("clients stopped after {:.1} s", load_elapsed.as_secs_f64());
 
