@@ -174,9 +174,8 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    // One thread: the proxy and agent are relays, and hopping between worker
-    // threads costs more latency per request than the work itself (measured:
-    // /_ping p50 2.4x direct with the multi-thread runtime on 2 cores).
+    // One thread: the proxy and agent are relays; two worker threads gave no
+    // measurable latency gain on a 2-core machine. OFFLOAD_WORKER_THREADS overrides.
     let threads =
         std::env::var("OFFLOAD_WORKER_THREADS").ok().and_then(|n| n.parse::<usize>().ok()).unwrap_or(1);
     let runtime = match runtime(threads) {
