@@ -76,12 +76,8 @@ fn wrong_certificates_are_refused_and_explained() {
     assert!(stderr.contains("certificate is not trusted (UnknownIssuer)"), "{stderr}");
 
     // The right CA pinned, but a client certificate the agent's CA did not sign.
-    let mixed = dir.path().join("mixed");
-    std::fs::create_dir(&mixed).expect("mixed");
-    std::fs::copy(dir.path().join("certs/ca.pem"), mixed.join("ca.pem")).expect("ca");
-    std::fs::copy(stranger.join("cert.pem"), mixed.join("cert.pem")).expect("cert");
-    std::fs::copy(stranger.join("key.pem"), mixed.join("key.pem")).expect("key");
-    let proxy = tls_proxy(addr, &mixed, &[]);
+    let mixed = client_files(&dir.path().join("certs"), &stranger);
+    let proxy = tls_proxy(addr, mixed.path(), &[]);
     let output = docker_ps(&proxy);
     assert!(!output.status.success());
     let stderr = stderr_of(&output);

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use tokio::net::{TcpListener, UnixStream};
 use tokio_rustls::rustls;
 
@@ -57,58 +56,15 @@ impl Relay {
     }
 }
 
-/// A CA with one server and one client certificate, written with Docker's names.
-struct Pki {
-    ca_cert: rcgen::Certificate,
-    ca_key: KeyPair,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-        let ca_key = KeyPair::generate().expect("key");
-        let ca_cert = params.self_signed(&ca_key).expect("ca");
-        Pki { ca_cert, ca_key }
-    }
-
-    fn issue(&self, names: &[&str]) -> (String, String) {
-        let params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).expect("sign");
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn server_config(&self) -> rustls::ServerConfig {
-        let (cert, key) = self.issue(&["localhost", "127.0.0.1"]);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca_cert.der().clone()).expect("root");
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .expect("verifier");
-        let certs =
-            rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>().expect("certs");
-        let key = rustls_pemfile::private_key(&mut key.as_bytes()).expect("key").expect("a key");
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)
-            .expect("server config")
-    }
-
-    /// Writes ca.pem, cert.pem and key.pem (a client identity) into `dir`.
-    fn write_client_files(&self, dir: &Path, client_ca: &Pki) {
-        std::fs::write(dir.join("ca.pem"), self.ca_cert.pem()).expect("ca.pem");
-        let (cert, key) = client_ca.issue(&["offload-proxy"]);
-        std::fs::write(dir.join("cert.pem"), cert).expect("cert.pem");
-        std::fs::write(dir.join("key.pem"), key).expect("key.pem");
-    }
+/// The relay's TLS side: the agent's certificate from `offload certs init`,
+/// requiring client certificates from the same CA (what `dockerd --tlsverify` does).
+fn engine_tls(certs: &Path) -> rustls::ServerConfig {
+    let files = offload::tls::TlsFiles {
+        ca: Some(certs.join("ca.pem")),
+        cert: Some(certs.join("server-cert.pem")),
+        key: Some(certs.join("server-key.pem")),
+    };
+    offload::tls::server_config(&files, &[b"http/1.1"]).expect("server config")
 }
 
 fn tls_proxy(relay: &Relay, files: &Path) -> Proxy {
@@ -123,6 +79,15 @@ fn tls_proxy(relay: &Relay, files: &Path) -> Proxy {
         "--tlskey",
         &format!("{dir}/key.pem"),
     ])
+}
+
+/// `docker ps` through the proxy must fail; returns what the CLI printed.
+fn failing_ps(proxy: &Proxy) -> String {
+    let mut command = proxy.docker(DOCKER_28);
+    command.arg("ps");
+    let output = run(command, None, LIMIT);
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 fn attach_round_trip(proxy: &Proxy) {
@@ -142,29 +107,23 @@ fn engine_over_plain_tcp() {
 #[test]
 fn engine_over_mutual_tls() {
     ensure_images();
-    let pki = Pki::new("offload test CA");
-    let relay = Relay::start(Some(pki.server_config()));
-    let files = tempfile::tempdir().expect("dir");
-    pki.write_client_files(files.path(), &pki);
-    let proxy = tls_proxy(&relay, files.path());
+    let certs = tempfile::tempdir().expect("certs");
+    make_certs(certs.path());
+    let relay = Relay::start(Some(engine_tls(certs.path())));
+    let proxy = tls_proxy(&relay, certs.path());
     attach_round_trip(&proxy);
 }
 
 #[test]
 fn tls_refusals_are_explained() {
-    let pki = Pki::new("offload test CA");
-    let relay = Relay::start(Some(pki.server_config()));
+    let (ours, stranger) = (tempfile::tempdir().expect("ours"), tempfile::tempdir().expect("stranger"));
+    make_certs(ours.path());
+    make_certs(stranger.path());
+    let relay = Relay::start(Some(engine_tls(ours.path())));
 
     // A client certificate from another CA: the engine side refuses the handshake.
-    let stranger = Pki::new("stranger CA");
-    let files = tempfile::tempdir().expect("dir");
-    pki.write_client_files(files.path(), &stranger);
-    let proxy = tls_proxy(&relay, files.path());
-    let mut command = proxy.docker(DOCKER_28);
-    command.arg("ps");
-    let output = run(command, None, LIMIT);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let files = client_files(ours.path(), stranger.path());
+    let stderr = failing_ps(&tls_proxy(&relay, files.path()));
     assert!(
         stderr.contains("offload: cannot reach the Docker engine at tls://localhost:")
             && stderr.contains("does not accept our client certificate"),
@@ -172,13 +131,6 @@ fn tls_refusals_are_explained() {
     );
 
     // An engine certificate that the pinned CA did not sign: we refuse it.
-    let files = tempfile::tempdir().expect("dir");
-    stranger.write_client_files(files.path(), &pki);
-    let proxy = tls_proxy(&relay, files.path());
-    let mut command = proxy.docker(DOCKER_28);
-    command.arg("ps");
-    let output = run(command, None, LIMIT);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("UnknownIssuer") || stderr.contains("certificate"), "{stderr}");
+    let stderr = failing_ps(&tls_proxy(&relay, stranger.path()));
+    assert!(stderr.contains("certificate is not trusted (UnknownIssuer)"), "{stderr}");
 }

@@ -172,6 +172,16 @@ impl Drop for NetNs {
     }
 }
 
+/// A directory with `ca.pem` from `ca_dir` and `cert.pem`/`key.pem` from
+/// `client_dir`: a client that pins one CA but holds another CA's certificate.
+pub fn client_files(ca_dir: &Path, client_dir: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    for (from, name) in [(ca_dir, "ca.pem"), (client_dir, "cert.pem"), (client_dir, "key.pem")] {
+        std::fs::copy(from.join(name), dir.path().join(name)).expect(name);
+    }
+    dir
+}
+
 /// `offload certs init` into `dir`, for a TLS link on loopback.
 pub fn make_certs(dir: &Path) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_offload"));
