@@ -292,3 +292,33 @@ fn on_idle_exit_runs_once_no_session_is_left() {
     assert!(eventually(Duration::from_secs(10), || marker.exists()), "--on-idle-exit did not run");
     assert!(eventually(Duration::from_secs(10), || agent.exited()), "the agent did not exit");
 }
+
+#[test]
+fn an_oversized_create_body_is_refused_with_a_clear_error() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("dir");
+    let (_agent, url) = agent(dir.path(), 0, &[]);
+    let proxy = proxy_to(&url);
+    // 17 MiB of valid JSON: the agent reads create bodies (to label them) up to 16 MiB.
+    let filler = "a".repeat(17 << 20);
+    let body = format!(r#"{{"Image":"{IMAGE}","Env":["X={filler}"]}}"#);
+    let head = format!(
+        "POST /containers/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(&proxy.socket).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    // The answer may come before the whole body is sent; write on the side.
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(body.as_bytes()));
+    });
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let _ = sender.join();
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413"), "{}", &text[..text.len().min(400)]);
+    assert!(text.contains("larger than 16 MiB"), "{text}");
+    // The proxy still serves everyone else.
+    assert!(ping_ok(&proxy.socket));
+}
