@@ -179,7 +179,8 @@ fn a_container_restarted_by_its_policy_gets_its_forward_back() {
     assert!(restarted, "the engine did not restart the container");
     assert!(
         eventually(Duration::from_secs(10), || fetch(&netns, port).is_some()),
-        "no forward after the restart"
+        "no forward after the restart: {}",
+        proxy.log_text()
     );
 }
 

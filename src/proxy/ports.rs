@@ -7,7 +7,7 @@
 //! -d` never sees a refusal), and kept true by a background watch of the
 //! engine's events (restart policies, other clients, Compose).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +26,10 @@ use crate::link::protocol::BACKGROUND;
 use crate::splice::splice;
 use crate::upstream::Upstream;
 
+/// Short retries first (a port we are just releasing), then the slow ones.
+const QUICK_RETRIES: usize = 10;
+const QUICK_RETRY: Duration = Duration::from_millis(20);
+
 /// How often a listener whose port is taken locally is tried again.
 const RETRY_TAKEN_PORT: Duration = Duration::from_secs(2);
 
@@ -35,6 +39,9 @@ pub struct PortForwards {
     /// Where ports published without an address listen (`--publish-address`).
     default_address: IpAddr,
     forwards: Mutex<HashMap<String, Vec<Forward>>>,
+    /// Containers that have had forwards and still exist: a container that
+    /// dies can be restarted by its policy, so its events are still followed.
+    watched: Mutex<HashSet<String>>,
     /// Wakes the event watch when the first forward appears.
     wanted: Notify,
 }
@@ -59,10 +66,15 @@ impl PortForwards {
             lifecycle: lifecycle.clone(),
             default_address,
             forwards: Mutex::new(HashMap::new()),
+            watched: Mutex::new(HashSet::new()),
             wanted: Notify::new(),
         });
         lifecycle.spawn(forwards.clone().watch_events());
         forwards
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.watched.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Forward>>> {
@@ -98,7 +110,9 @@ impl PortForwards {
             self.open(SocketAddr::new(address, port.host_port), name.clone(), stop.clone());
             opened.push(Forward { port: port.host_port, container: name.clone(), stop });
         }
-        table.insert(id, opened);
+        table.insert(id.clone(), opened);
+        drop(table);
+        self.watched().insert(id);
         self.wanted.notify_one();
     }
 
@@ -179,7 +193,7 @@ impl PortForwards {
     /// reconciles with the running containers after every (re)connect.
     async fn watch_events(self: Arc<Self>) {
         loop {
-            while self.table().is_empty() {
+            while self.watched().is_empty() {
                 tokio::select! {
                     _ = self.lifecycle.token.cancelled() => return,
                     _ = self.wanted.notified() => {}
@@ -194,17 +208,21 @@ impl PortForwards {
         }
     }
 
+    /// After a (re)connect: forwards for every running container, and only
+    /// still-existing containers stay watched.
     async fn reconcile(&self) {
-        let Some(running) = self.get_json("/containers/json").await else { return };
-        let ids: Vec<String> = running
+        let Some(all) = self.get_json("/containers/json?all=1").await else { return };
+        let containers: Vec<(String, bool)> = all
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|c| c["Id"].as_str().map(str::to_string))
+            .filter_map(|c| Some((c["Id"].as_str()?.to_string(), c["State"].as_str() == Some("running"))))
             .collect();
-        self.table().retain(|id, _| ids.contains(id));
-        for id in ids {
-            self.sync(&id).await;
+        let running: Vec<&String> = containers.iter().filter(|(_, up)| *up).map(|(id, _)| id).collect();
+        self.table().retain(|id, _| running.contains(&id));
+        self.watched().retain(|id| containers.iter().any(|(known, _)| known == id));
+        for id in running {
+            self.sync(id).await;
         }
     }
 
@@ -228,7 +246,7 @@ impl PortForwards {
                 let line: Vec<u8> = pending.drain(..=end).collect();
                 self.on_event(Bytes::from(line)).await;
             }
-            if self.table().is_empty() {
+            if self.watched().is_empty() {
                 return;
             }
         }
@@ -240,7 +258,11 @@ impl PortForwards {
         match event["Action"].as_str().unwrap_or_default() {
             "start" | "restart" | "unpause" => self.sync(id).await,
             // `remove` ignores an empty id.
-            "die" | "stop" | "kill" | "pause" | "destroy" => self.remove(id),
+            "die" | "stop" | "kill" | "pause" => self.remove(id),
+            "destroy" => {
+                self.remove(id);
+                self.watched().remove(id);
+            }
             _ => {}
         }
     }
@@ -252,6 +274,18 @@ async fn retry_bind(
     error: std::io::Error,
     stop: &CancellationToken,
 ) -> Option<TcpListener> {
+    // Often the port is ours: a container that died and was restarted frees
+    // its old listener only when that task next runs. So try again briefly
+    // before calling the port taken.
+    for _ in 0..QUICK_RETRIES {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(QUICK_RETRY) => {}
+        }
+        if let Ok(listener) = TcpListener::bind(address).await {
+            return Some(listener);
+        }
+    }
     tracing::warn!(
         %address, container, %error,
         "cannot listen for a published port (taken on this machine?); retrying until it frees up"
