@@ -27,6 +27,7 @@ pub mod lifecycle;
 pub mod link;
 pub mod proxy;
 pub mod splice;
+pub mod sync;
 pub mod tls;
 pub mod unix_socket;
 pub mod upstream;

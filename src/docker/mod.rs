@@ -1,5 +1,6 @@
 //! Pure Docker Engine API knowledge shared by both halves: no sockets, no tasks.
 
+pub mod binds;
 pub mod error;
 pub mod headers;
 pub mod ownership;
