@@ -7,9 +7,10 @@ use clap::{Parser, Subcommand};
 
 use offload::agent::resident::{bridge_stdio, ResidentPlan};
 use offload::agent::session::SessionConfig;
+use offload::agent::sync::SyncConfig;
 use offload::agent::{Agent, AgentListener};
 use offload::certs::CertsPlan;
-use offload::duration::parse_duration;
+use offload::duration::{parse_duration, parse_size};
 use offload::lifecycle::{termination_signal, Lifecycle};
 use offload::link::transport::{Dialer, RemoteAddress, SshOptions};
 use offload::proxy::{self, ProxyConfig};
@@ -99,7 +100,19 @@ struct AgentArgs {
     /// Run this command (sh -c) and exit once no session has existed for the idle timeout
     #[arg(long)]
     on_idle_exit: Option<String>,
+    /// Where synced bind-mount copies live (default: <state-dir>/sync)
+    #[arg(long)]
+    sync_root: Option<PathBuf>,
+    /// A host path containers may bind besides their synced mounts (repeatable;
+    /// default: the engine's socket)
+    #[arg(long = "allow-host-path")]
+    allow_host_paths: Vec<String>,
+    /// The most file content one session may sync to this host (e.g. 500M, 20G)
+    #[arg(long, default_value = "20G", value_parser = parse_size)]
+    max_sync_bytes: u64,
 }
+
+
 
 #[derive(clap::Args)]
 struct ProxyArgs {
@@ -236,7 +249,7 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
         let plan = resident_plan(&args, &state_dir)?;
         return bridge_stdio(&plan).await.map_err(|e| format!("cannot reach the resident agent: {e}"));
     }
-    let engine = EngineUpstream::new(args.docker, &TlsFiles::default()).map_err(|e| e.to_string())?;
+    let engine = EngineUpstream::new(args.docker.clone(), &TlsFiles::default()).map_err(|e| e.to_string())?;
     let config = SessionConfig {
         idle_timeout: args.idle_timeout,
         grace: args.grace,
@@ -245,7 +258,18 @@ async fn run_agent(args: AgentArgs) -> Result<(), String> {
         on_idle_exit: args.on_idle_exit,
         exit_when_idle: args.resident,
     };
-    let agent = Agent::new(engine, config);
+    let mut allowed_host_paths = args.allow_host_paths.clone();
+    if allowed_host_paths.is_empty() {
+        if let EngineAddress::Unix(socket) = &args.docker {
+            allowed_host_paths.push(socket.to_string_lossy().into_owned());
+        }
+    }
+    let sync = SyncConfig {
+        root: args.sync_root.clone().unwrap_or_else(|| state_dir.join("sync")),
+        allowed_host_paths,
+        max_session_bytes: args.max_sync_bytes,
+    };
+    let agent = Agent::new(engine, config, sync);
     let lifecycle = Lifecycle::new();
     let listen = RemoteAddress::parse(args.listen.as_deref().unwrap_or_default())?;
     // The resident agent's socket is private to its user (0600): no --insecure needed.
@@ -308,6 +332,14 @@ fn resident_plan(args: &AgentArgs, state_dir: &std::path::Path) -> Result<Reside
     if args.purge_build_cache {
         resident.push("--purge-build-cache".into());
     }
+    if let Some(root) = &args.sync_root {
+        resident.push("--sync-root".into());
+        resident.push(root.into());
+    }
+    for path in &args.allow_host_paths {
+        resident.push(format!("--allow-host-path={path}").into());
+    }
+    resident.push(format!("--max-sync-bytes={}", args.max_sync_bytes).into());
     if let Some(command) = &args.on_idle_exit {
         resident.push("--on-idle-exit".into());
         resident.push(command.into());

@@ -88,6 +88,7 @@ pub async fn end_session(state: &AgentState, session: &Session, why: &str) -> su
         removed.networks += again.networks;
         removed.failures = again.failures;
     }
+    state.sync.end_session(&session.id);
     let complete = removed.failures.is_empty();
     if !complete {
         tracing::warn!(session = %session.id, failures = ?removed.failures, "cleanup incomplete; the record stays for the next agent start");

@@ -7,6 +7,7 @@ pub mod idle;
 pub mod resident;
 pub mod service;
 pub mod session;
+pub mod sync;
 pub mod tracked_body;
 
 use std::io;
@@ -26,6 +27,7 @@ use crate::lifecycle::Lifecycle;
 use crate::upstream::engine::EngineUpstream;
 use service::{AgentState, LinkContext};
 use session::{SessionConfig, Sessions};
+use sync::{AgentSync, SyncConfig};
 
 /// Must exceed anything a session keeps open at once: long-lived streams
 /// (events, logs -f, attach, wait) never free their slot, and `docker run`
@@ -54,8 +56,9 @@ pub struct Agent {
 
 impl Agent {
     /// An agent with the sessions an earlier agent recorded in `config.state_dir`.
-    pub fn new(engine: EngineUpstream, config: SessionConfig) -> Self {
-        Self { state: Arc::new(AgentState { engine, sessions: Sessions::load(config) }) }
+    pub fn new(engine: EngineUpstream, config: SessionConfig, sync: SyncConfig) -> Self {
+        let sync = AgentSync::new(sync);
+        Self { state: Arc::new(AgentState { engine, sessions: Sessions::load(config), sync }) }
     }
 
     /// Starts the idle watcher (ends idle sessions, runs `--on-idle-exit`);

@@ -16,6 +16,7 @@ use tracing::Instrument;
 use super::engine_calls::{call, json, labelled, Kind};
 use super::idle::end_session;
 use super::session::{ActivityGuard, ActivityKind, Session, Sessions};
+use super::sync::{AgentSync, SYNC_PREFIX};
 use super::tracked_body::{Guarded, Inspected};
 use crate::body::{self, Body};
 use crate::docker::error::error_response;
@@ -31,6 +32,7 @@ use crate::upstream::{Exchange, Upstream, UpstreamError};
 pub struct AgentState {
     pub engine: EngineUpstream,
     pub sessions: Sessions,
+    pub sync: AgentSync,
 }
 
 /// One link's state: the session its handshake opened, and the token that
@@ -60,6 +62,12 @@ pub async fn handle(
         json_response(serde_json::to_vec(&removed).unwrap_or_default())
     } else if path == protocol::STATUS_PATH && request.method() == Method::GET {
         status(&state, &session).await
+    } else if path.starts_with(SYNC_PREFIX) {
+        // Sync requests are the user's activity (their files changed); the
+        // events stream is marked background by the proxy.
+        let _activity = (!request.headers().contains_key(protocol::BACKGROUND))
+            .then(|| session.activity(ActivityKind::Request));
+        state.sync.handle(&session, request).await
     } else if path.starts_with(protocol::PREFIX) {
         error_response(StatusCode::NOT_FOUND, "unknown offload endpoint; is the proxy newer than the agent?")
     } else if request.method() == Method::CONNECT {
@@ -103,6 +111,7 @@ async fn open_session(state: &AgentState, link: &LinkContext, request: Request<I
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         engine,
         ping,
+        engine_socket: state.engine.describe().strip_prefix("unix://").map(str::to_string),
     };
     if resumed {
         tracing::info!(session = %info.session_id, "session resumed");
@@ -239,6 +248,14 @@ async fn forward(
                     )
                 }
             };
+            // What the body binds is checked after the proxy rewrote it: a
+            // client that bypasses the proxy gets no host path it may not have.
+            let volume = creation == Some(Creation::Volume);
+            if creation != Some(Creation::Network) {
+                if let Err(refusal) = state.sync.check_create(&session.id, &bytes, volume) {
+                    return refusal;
+                }
+            }
             let mut labelled =
                 add_label(&bytes, SESSION_LABEL, &session.id).map(Bytes::from).unwrap_or(bytes);
             if creation == Some(Creation::Container) {

@@ -10,6 +10,13 @@ pub enum Route {
     Version,
     ContainerCreate,
     ContainerAttach,
+    ContainerWait,
+    /// `GET /containers/{id}/json`
+    ContainerInspect,
+    /// `GET /containers/json`
+    ContainerList,
+    ExecCreate,
+    VolumeCreate,
     ExecStart,
     /// BuildKit session (`/session`): the engine speaks h2 first after the 101.
     Session,
@@ -25,6 +32,11 @@ impl Route {
             Route::Version => "version",
             Route::ContainerCreate => "container-create",
             Route::ContainerAttach => "attach",
+            Route::ContainerWait => "wait",
+            Route::ContainerInspect => "container-inspect",
+            Route::ContainerList => "container-list",
+            Route::ExecCreate => "exec-create",
+            Route::VolumeCreate => "volume-create",
             Route::ExecStart => "exec-start",
             Route::Session => "session",
             Route::Grpc => "grpc",
@@ -77,6 +89,11 @@ pub fn classify(method: &Method, path: &str) -> Route {
         (&Method::GET, ["version"]) => Route::Version,
         (&Method::POST, ["containers", "create"]) => Route::ContainerCreate,
         (&Method::POST, ["containers", _, "attach"]) => Route::ContainerAttach,
+        (&Method::POST, ["containers", _, "wait"]) => Route::ContainerWait,
+        (&Method::POST, ["containers", _, "exec"]) => Route::ExecCreate,
+        (&Method::GET, ["containers", "json"]) => Route::ContainerList,
+        (&Method::GET, ["containers", _, "json"]) => Route::ContainerInspect,
+        (&Method::POST, ["volumes", "create"]) => Route::VolumeCreate,
         (&Method::POST, ["exec", _, "start"]) => Route::ExecStart,
         (&Method::POST, ["session"]) => Route::Session,
         (&Method::POST, ["grpc"]) => Route::Grpc,
@@ -126,5 +143,10 @@ mod tests {
         assert_eq!(classify(&Method::POST, "/v1.41/grpc"), Route::Grpc);
         assert_eq!(classify(&Method::GET, "/containers/create"), Route::Other);
         assert_eq!(classify(&Method::POST, "/containers/a/b/attach"), Route::Other);
+        assert_eq!(classify(&Method::POST, "/v1.41/containers/abc/wait"), Route::ContainerWait);
+        assert_eq!(classify(&Method::GET, "/containers/json"), Route::ContainerList);
+        assert_eq!(classify(&Method::GET, "/v1.41/containers/abc/json"), Route::ContainerInspect);
+        assert_eq!(classify(&Method::POST, "/containers/abc/exec"), Route::ExecCreate);
+        assert_eq!(classify(&Method::POST, "/v1.24/volumes/create"), Route::VolumeCreate);
     }
 }

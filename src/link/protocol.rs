@@ -12,6 +12,7 @@
 //!   engine→client bytes. END_STREAM is a half-close, RST_STREAM an abort.
 //! - [`CLOSE_DELIMITED`] marks a response the engine sent close-delimited.
 //! - [`BACKGROUND`] marks streams the proxy opens for itself (not activity).
+//! - `/_offload/v1/sync/mounts...`: bind-mount sync (see `agent::sync`).
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +52,10 @@ pub struct SessionInfo {
     pub engine: EngineFacts,
     /// The engine's `/_ping` answer, so the proxy can answer pings itself.
     pub ping: PingFacts,
+    /// The engine's unix socket on the remote host, for binds of the docker
+    /// socket (`-v /var/run/docker.sock:...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_socket: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 
 pub mod hangup;
 pub mod parse_errors;
+pub mod mounts;
 pub mod ports;
 pub mod service;
 
@@ -52,7 +53,7 @@ pub async fn serve(
         upstream = upstream.describe(),
         "offload proxy ready"
     );
-    let accept = tokio::spawn(run(listener, upstream, lifecycle.clone(), config.publish_address));
+    let accept = tokio::spawn(run(listener, upstream, lifecycle.clone(), config.clone()));
     if let Err(error) = termination_signal().await {
         tracing::error!(%error, "cannot wait for signals; shutting down");
     }
@@ -73,12 +74,14 @@ pub async fn run(
     listener: UnixListener,
     upstream: Arc<dyn Upstream>,
     lifecycle: Lifecycle,
-    publish_address: std::net::IpAddr,
+    config: ProxyConfig,
 ) {
-    let ports = upstream
-        .forwards_ports()
-        .then(|| ports::PortForwards::new(upstream.clone(), lifecycle.clone(), publish_address));
-    let state = Arc::new(ProxyState { upstream, lifecycle: lifecycle.clone(), ports });
+    // Ports and bind mounts need help only when the engine is on another machine.
+    let remote = upstream.forwards_ports();
+    let ports =
+        remote.then(|| ports::PortForwards::new(upstream.clone(), lifecycle.clone(), config.publish_address));
+    let mounts = remote.then(|| mounts::Mounts::new(upstream.clone(), lifecycle.clone(), config.listen.clone()));
+    let state = Arc::new(ProxyState { upstream, lifecycle: lifecycle.clone(), ports, mounts });
     let mut next_id: u64 = 0;
     loop {
         let stream = tokio::select! {

@@ -6,19 +6,21 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::Instrument;
 
 use super::hangup::HangupWatch;
+use super::mounts::Mounts;
 use super::ports::PortForwards;
 use crate::body::{self, Body};
 use crate::docker::error::error_response;
 use crate::docker::headers::{
     client_response_headers, is_close_delimited, requested_upgrade, upstream_request_headers,
 };
-use crate::docker::route::{classify, container_started, container_stopped};
+use crate::docker::route::{classify, container_started, container_stopped, Route};
 use crate::lifecycle::Lifecycle;
 use crate::splice::splice;
 use crate::upstream::{BoxFuture, BoxedIo, Upstream, UpstreamError};
@@ -29,7 +31,14 @@ pub struct ProxyState {
     pub lifecycle: Lifecycle,
     /// Local forwards of published ports, when the engine is remote.
     pub ports: Option<Arc<PortForwards>>,
+    /// Synced bind mounts, when the engine is remote.
+    pub mounts: Option<Arc<Mounts>>,
 }
+
+/// The largest create body the proxy reads to rewrite its bind mounts.
+const MAX_CREATE_BODY: usize = 16 << 20;
+/// The largest inspect or list answer whose mount paths are mapped back.
+const MAX_LOCALIZED_ANSWER: usize = 64 << 20;
 
 pub async fn handle(
     state: Arc<ProxyState>,
@@ -54,7 +63,20 @@ pub async fn handle(
 
     let (mut parts, incoming) = request.into_parts();
     upstream_request_headers(&mut parts.headers, upgrade);
-    let upstream_request = Request::from_parts(parts, body::stream(incoming));
+    let mut outgoing = body::stream(incoming);
+    if let Some(mounts) = &state.mounts {
+        // Nobody sees stale files: pending edits reach the remote copy first.
+        if matches!(route, Route::ExecCreate | Route::ExecStart) || started.is_some() {
+            mounts.flush().await;
+        }
+        if matches!(route, Route::ContainerCreate | Route::VolumeCreate) {
+            match rewrite_binds(mounts, &mut parts, outgoing, route == Route::VolumeCreate).await {
+                Ok(rewritten) => outgoing = rewritten,
+                Err(refusal) => return Ok(refusal),
+            }
+        }
+    }
+    let upstream_request = Request::from_parts(parts, outgoing);
 
     let exchange = match state.upstream.send(upstream_request).await {
         Ok(exchange) => exchange,
@@ -84,6 +106,21 @@ pub async fn handle(
         }
         if let (Some(container), true) = (stopped.as_deref(), done) {
             ports.remove(container);
+        }
+    }
+
+    let mut response_body = response_body;
+    if let (Some(mounts), true) = (&state.mounts, head.status.is_success()) {
+        match route {
+            // The container's last writes are here before the client hears it exited.
+            Route::ContainerWait => {
+                let mounts = mounts.clone();
+                response_body = gated(response_body, Box::pin(async move { mounts.pull().await }));
+            }
+            Route::ContainerInspect | Route::ContainerList if !mounts.is_empty() => {
+                response_body = localize(mounts, &mut head.headers, response_body, route).await;
+            }
+            _ => {}
         }
     }
 
@@ -120,4 +157,99 @@ async fn relay(
 fn upstream_failure(error: &UpstreamError) -> Response<Body> {
     tracing::warn!(upstream = %error.target, reason = %error.reason, "upstream request failed");
     error_response(StatusCode::BAD_GATEWAY, &error.user_message())
+}
+
+/// Reads a create body and points its bind sources at synced copies.
+async fn rewrite_binds(
+    mounts: &Mounts,
+    parts: &mut http::request::Parts,
+    incoming: Body,
+    volume: bool,
+) -> Result<Body, Response<Body>> {
+    let bytes = match Limited::new(incoming, MAX_CREATE_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return Err(error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the create request's body is larger than 16 MiB; offload reads create bodies to sync their bind mounts",
+            ))
+        }
+    };
+    let rewritten = match mounts.rewrite_create(&bytes, volume).await {
+        Ok(Some(rewritten)) => bytes::Bytes::from(rewritten),
+        Ok(None) => bytes,
+        Err(error) => return Err(error_response(error.status, &error.message)),
+    };
+    parts.headers.remove(http::header::TRANSFER_ENCODING);
+    parts.headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(rewritten.len()));
+    Ok(body::full(rewritten))
+}
+
+/// Maps synced copies' paths in an inspect or list answer back to local ones.
+async fn localize(mounts: &Mounts, headers: &mut http::HeaderMap, answer: Body, route: Route) -> Body {
+    let bytes = match Limited::new(answer, MAX_LOCALIZED_ANSWER).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read an answer to map its mount paths");
+            return body::empty();
+        }
+    };
+    let Ok(mut parsed) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return body::full(bytes) };
+    let local = |remote: &str| mounts.local_path(remote);
+    let changed = match route {
+        Route::ContainerList => crate::docker::binds::localize_list(&mut parsed, &local),
+        _ => crate::docker::binds::localize_inspect(&mut parsed, &local),
+    };
+    let bytes = match changed.then(|| serde_json::to_vec(&parsed)) {
+        Some(Ok(mut json)) => {
+            // The engine ends JSON answers with a newline; keep it.
+            if bytes.ends_with(b"\n") {
+                json.push(b'\n');
+            }
+            bytes::Bytes::from(json)
+        }
+        _ => bytes,
+    };
+    headers.remove(http::header::TRANSFER_ENCODING);
+    headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(bytes.len()));
+    body::full(bytes)
+}
+
+/// Holds a body's first frame (or its end) until `gate` has finished.
+fn gated(inner: Body, gate: BoxFuture<()>) -> Body {
+    body::stream(Gated { inner, gate: Some(std::sync::Mutex::new(gate)), held: None })
+}
+
+struct Gated {
+    inner: Body,
+    /// In a mutex only to be `Sync` (bodies must be); polled through `get_mut`.
+    gate: Option<std::sync::Mutex<BoxFuture<()>>>,
+    held: Option<Option<Result<http_body::Frame<bytes::Bytes>, body::BodyError>>>,
+}
+
+impl http_body::Body for Gated {
+    type Data = bytes::Bytes;
+    type Error = body::BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, body::BodyError>>> {
+        use std::task::ready;
+        let this = self.get_mut();
+        let Some(gate) = this.gate.as_mut() else {
+            return std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        };
+        if this.held.is_none() {
+            this.held = Some(ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)));
+        }
+        let gate = gate.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        ready!(gate.as_mut().poll(cx));
+        this.gate = None;
+        std::task::Poll::Ready(this.held.take().flatten())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

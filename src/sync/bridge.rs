@@ -65,10 +65,14 @@ where
         }
         result
     });
-    (body::stream(ReceiverBody(receiver)), task)
+    (receiver_body(receiver), task)
 }
 
-/// The frames a producer sends, as a body.
+/// The frames sent on a channel, as a body (ends when the senders are gone).
+pub fn receiver_body(receiver: mpsc::Receiver<Result<Frame<Bytes>, BodyError>>) -> Body {
+    body::stream(ReceiverBody(receiver))
+}
+
 struct ReceiverBody(mpsc::Receiver<Result<Frame<Bytes>, BodyError>>);
 
 impl http_body::Body for ReceiverBody {

@@ -104,6 +104,11 @@ impl Upstream for LinkUpstream {
         true
     }
 
+    fn session_info(&self) -> BoxFuture<Result<Option<Arc<SessionInfo>>, UpstreamError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { Ok(Some(inner.link().await?.session)) })
+    }
+
     fn open_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -385,6 +390,7 @@ mod tests {
                 ],
                 body: "OK".into(),
             },
+            engine_socket: None,
         }
     }
 

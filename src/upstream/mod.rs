@@ -13,11 +13,13 @@ pub mod link;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::Body;
+use crate::link::protocol::SessionInfo;
 
 /// A bidirectional byte stream with half-close (`poll_shutdown` = FIN / END_STREAM).
 pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -81,6 +83,12 @@ pub trait Upstream: Send + Sync + 'static {
     /// serves its ports here).
     fn forwards_ports(&self) -> bool {
         false
+    }
+
+    /// The session the link to the agent has open (opening the link if
+    /// needed); `None` for an engine reached directly.
+    fn session_info(&self) -> BoxFuture<Result<Option<Arc<SessionInfo>>, UpstreamError>> {
+        Box::pin(async { Ok(None) })
     }
 
     /// A byte stream to `port` on the remote's loopback (a forwarded connection).
