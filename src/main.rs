@@ -112,8 +112,6 @@ struct AgentArgs {
     max_sync_bytes: u64,
 }
 
-
-
 #[derive(clap::Args)]
 struct ProxyArgs {
     /// Where Docker clients connect: unix:///path/to/offload.sock

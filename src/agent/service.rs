@@ -252,8 +252,9 @@ async fn forward(
             // client that bypasses the proxy gets no host path it may not have.
             let volume = creation == Some(Creation::Volume);
             if creation != Some(Creation::Network) {
-                if let Err(refusal) = state.sync.check_create(&session.id, &bytes, volume) {
-                    return refusal;
+                if let Err(why) = state.sync.check_create(&session.id, &bytes, volume) {
+                    tracing::warn!(session = %session.id, %why, "create refused");
+                    return error_response(StatusCode::FORBIDDEN, &why);
                 }
             }
             let mut labelled =

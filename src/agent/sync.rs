@@ -102,24 +102,22 @@ impl AgentSync {
     }
 
     /// Whether a rewritten create body binds only what it may: its session's
-    /// copies or an allowed host path. `Err` is the 403 answer.
-    pub fn check_create(&self, session_id: &str, body: &[u8], volume: bool) -> Result<(), Response<Body>> {
+    /// copies or an allowed host path. `Err` says why not (a 403).
+    pub fn check_create(&self, session_id: &str, body: &[u8], volume: bool) -> Result<(), String> {
         let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(body) else { return Ok(()) };
         let paths = if volume { volume_host_paths(&parsed) } else { container_host_paths(&parsed) };
-        let own = self.session_root(session_id);
-        let own = own.to_string_lossy();
+        let own = resolved(&self.session_root(session_id).to_string_lossy());
         for found in paths {
-            let allowed = is_within(&found.path, &own)
-                || self.config.allowed_host_paths.iter().any(|allowed| is_within(&found.path, allowed));
+            // Symlinks resolved: a container may have planted one in its copy.
+            let path = resolved(&found.path);
+            let allowed = is_within(&found.path, &own) && is_within(&path, &own)
+                || self.config.allowed_host_paths.iter().any(|allowed| is_within(&path, &resolved(allowed)));
             if !allowed {
-                return Err(error_response(
-                    StatusCode::FORBIDDEN,
-                    &format!(
-                        "the offload agent refuses to bind the remote host path {}: only this session's synced \
+                return Err(format!(
+                    "the offload agent refuses to bind the remote host path {}: only this session's synced \
                          mounts and the paths allowed with --allow-host-path may be bound. Bind local paths \
                          through the offload proxy, which syncs them",
-                        found.path
-                    ),
+                    found.path
                 ));
             }
         }
@@ -157,13 +155,20 @@ impl AgentSync {
     async fn register(&self, session: &Arc<Session>, request: Request<Incoming>) -> Response<Body> {
         let bytes = match Limited::new(request.into_body(), 64 << 10).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(error) => return error_response(StatusCode::BAD_REQUEST, &format!("unreadable mount request: {error}")),
+            Err(error) => {
+                return error_response(StatusCode::BAD_REQUEST, &format!("unreadable mount request: {error}"))
+            }
         };
         let asked: MountRequest = match serde_json::from_slice(&bytes) {
             Ok(asked) => asked,
-            Err(error) => return error_response(StatusCode::BAD_REQUEST, &format!("bad mount request: {error}")),
+            Err(error) => {
+                return error_response(StatusCode::BAD_REQUEST, &format!("bad mount request: {error}"))
+            }
         };
-        if asked.only.as_deref().is_some_and(|name| name.contains('/') || name == ".." || name == "." || name.is_empty())
+        if asked
+            .only
+            .as_deref()
+            .is_some_and(|name| name.contains('/') || name == ".." || name == "." || name.is_empty())
         {
             return error_response(StatusCode::BAD_REQUEST, "a single-file mount names one file");
         }
@@ -178,7 +183,12 @@ impl AgentSync {
         let tree = Tree::new(root.clone(), asked.only.clone());
         let manifest = match tree.scan() {
             Ok(manifest) => manifest,
-            Err(error) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("scanning the copy: {error}")),
+            Err(error) => {
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("scanning the copy: {error}"),
+                )
+            }
         };
         let existing = self.mount(&session.id, &mount_id);
         match existing {
@@ -187,7 +197,12 @@ impl AgentSync {
             None => {
                 let watcher = match TreeWatcher::new(&tree) {
                     Ok(watcher) => watcher,
-                    Err(error) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("watching the copy: {error}")),
+                    Err(error) => {
+                        return error_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &format!("watching the copy: {error}"),
+                        )
+                    }
                 };
                 let (drain, drain_requests) = mpsc::channel(4);
                 let mount = Arc::new(RemoteMount {
@@ -215,7 +230,12 @@ impl AgentSync {
     /// Applies the proxy's changes. A file the container changed since the
     /// last pull and the user changed too: the user's version wins, the
     /// container's is kept beside it under a conflict name.
-    async fn push(&self, session_id: &str, mount: &Arc<RemoteMount>, request: Request<Incoming>) -> Response<Body> {
+    async fn push(
+        &self,
+        session_id: &str,
+        mount: &Arc<RemoteMount>,
+        request: Request<Incoming>,
+    ) -> Response<Body> {
         let _busy = mount.busy.lock().await;
         let used = lock(&self.sessions).get(session_id).map(|s| s.bytes.clone()).unwrap_or_default();
         let limit = self.config.max_session_bytes;
@@ -284,7 +304,30 @@ impl AgentSync {
                 json_response(serde_json::to_vec(&report).unwrap_or_default())
             }
             Ok(Err(error)) => apply_failure(&error),
-            Err(error) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("sync push failed: {error}")),
+            Err(error) => {
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("sync push failed: {error}"))
+            }
+        }
+    }
+}
+
+/// A path with every symlink of its existing part resolved (the rest, which
+/// the engine would create, appended as written).
+fn resolved(path: &str) -> String {
+    let mut existing = PathBuf::from(path);
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            let mut full = real;
+            full.extend(rest.iter().rev());
+            return full.to_string_lossy().into_owned();
+        }
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent().map(Path::to_path_buf)) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return path.to_string(),
         }
     }
 }
@@ -317,7 +360,10 @@ async fn pull(mount: &Arc<RemoteMount>) -> Response<Body> {
             match tree.scan() {
                 Ok(now) => crate::sync::manifest::diff(&now, &manifest),
                 Err(error) => {
-                    return error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("rescanning the copy: {error}"))
+                    return error_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("rescanning the copy: {error}"),
+                    )
                 }
             }
         } else {
@@ -479,5 +525,20 @@ mod tests {
         }
         let volume = br#"{"Driver":"local","DriverOpts":{"o":"bind","device":"/etc"}}"#;
         assert!(sync.check_create("s1", volume, true).is_err());
+    }
+
+    #[test]
+    fn a_symlink_planted_in_a_copy_does_not_lead_out() {
+        let root = tempfile::tempdir().expect("tmp");
+        let copy = root.path().join("s1/app");
+        std::fs::create_dir_all(&copy).expect("mkdir");
+        std::os::unix::fs::symlink("/etc", copy.join("escape")).expect("symlink");
+        let sync = AgentSync::new(SyncConfig { root: root.path().into(), ..SyncConfig::default() });
+        let body =
+            |bind: &Path| format!(r#"{{"HostConfig":{{"Binds":["{}:/x"]}}}}"#, bind.display()).into_bytes();
+        assert!(sync.check_create("s1", &body(&copy), false).is_ok());
+        assert!(sync.check_create("s1", &body(&copy.join("not-yet/made")), false).is_ok());
+        assert!(sync.check_create("s1", &body(&copy.join("escape")), false).is_err());
+        assert!(sync.check_create("s1", &body(&copy.join("escape/passwd")), false).is_err());
     }
 }

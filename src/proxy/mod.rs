@@ -2,8 +2,8 @@
 //! everything to an [`Upstream`], transparently.
 
 pub mod hangup;
-pub mod parse_errors;
 pub mod mounts;
+pub mod parse_errors;
 pub mod ports;
 pub mod service;
 
@@ -80,7 +80,8 @@ pub async fn run(
     let remote = upstream.forwards_ports();
     let ports =
         remote.then(|| ports::PortForwards::new(upstream.clone(), lifecycle.clone(), config.publish_address));
-    let mounts = remote.then(|| mounts::Mounts::new(upstream.clone(), lifecycle.clone(), config.listen.clone()));
+    let mounts =
+        remote.then(|| mounts::Mounts::new(upstream.clone(), lifecycle.clone(), config.listen.clone()));
     let state = Arc::new(ProxyState { upstream, lifecycle: lifecycle.clone(), ports, mounts });
     let mut next_id: u64 = 0;
     loop {

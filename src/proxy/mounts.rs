@@ -49,13 +49,16 @@ fn mount_error(status: StatusCode, message: impl Into<String>) -> MountError {
     MountError { status, message: message.into() }
 }
 
+/// A local source: its directory, and the one file in it for a file bind.
+type MountKey = (PathBuf, Option<String>);
+
 pub struct Mounts {
     upstream: Arc<dyn Upstream>,
     lifecycle: Lifecycle,
     /// This proxy's own socket: a bind of it means the remote engine's.
     own_socket: PathBuf,
     /// By local source (root directory, single file name).
-    table: Mutex<HashMap<(PathBuf, Option<String>), Arc<LocalMount>>>,
+    table: Mutex<HashMap<MountKey, Arc<LocalMount>>>,
 }
 
 struct LocalMount {
@@ -116,12 +119,17 @@ impl Mounts {
             }
         }
         let visit = |p: &HostPath| remote_paths.get(&p.path).cloned();
-        let changed =
-            if volume { rewrite_volume_create(&mut parsed, visit) } else { rewrite_container_create(&mut parsed, visit) };
+        let changed = if volume {
+            rewrite_volume_create(&mut parsed, visit)
+        } else {
+            rewrite_container_create(&mut parsed, visit)
+        };
         if !changed {
             return Ok(None);
         }
-        serde_json::to_vec(&parsed).map(Some).map_err(|e| mount_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        serde_json::to_vec(&parsed)
+            .map(Some)
+            .map_err(|e| mount_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
     }
 
     /// Where a local path is on the remote: the engine's socket for a docker
@@ -132,7 +140,11 @@ impl Mounts {
             || source == Path::new("/run/docker.sock")
             || source == self.own_socket
         {
-            let session = self.upstream.session_info().await.map_err(|e| mount_error(StatusCode::BAD_GATEWAY, e.user_message()))?;
+            let session = self
+                .upstream
+                .session_info()
+                .await
+                .map_err(|e| mount_error(StatusCode::BAD_GATEWAY, e.user_message()))?;
             let socket = session.and_then(|s| s.engine_socket.clone());
             return Ok(socket.unwrap_or_else(|| "/var/run/docker.sock".to_string()));
         }
@@ -143,28 +155,43 @@ impl Mounts {
                     // The engine's own wording, with the path the user knows.
                     return Err(mount_error(
                         StatusCode::BAD_REQUEST,
-                        format!("invalid mount config for type \"bind\": bind source path does not exist: {}", host_path.path),
+                        format!(
+                            "invalid mount config for type \"bind\": bind source path does not exist: {}",
+                            host_path.path
+                        ),
                     ));
                 }
                 // `-v` creates a missing source, as the engine does on its host.
                 std::fs::create_dir_all(source).map_err(|e| {
-                    mount_error(StatusCode::BAD_REQUEST, format!("offload cannot create the bind source {}: {e}", host_path.path))
+                    mount_error(
+                        StatusCode::BAD_REQUEST,
+                        format!("offload cannot create the bind source {}: {e}", host_path.path),
+                    )
                 })?;
                 std::fs::metadata(source).map_err(|e| mount_error(StatusCode::BAD_REQUEST, e.to_string()))?
             }
             Err(error) => {
-                return Err(mount_error(StatusCode::BAD_REQUEST, format!("offload cannot read the bind source {}: {error}", host_path.path)))
+                return Err(mount_error(
+                    StatusCode::BAD_REQUEST,
+                    format!("offload cannot read the bind source {}: {error}", host_path.path),
+                ))
             }
         };
         // Binds follow symlinks on the engine's host; so do we, here.
-        let real = std::fs::canonicalize(source).map_err(|e| mount_error(StatusCode::BAD_REQUEST, format!("{}: {e}", host_path.path)))?;
+        let real = std::fs::canonicalize(source)
+            .map_err(|e| mount_error(StatusCode::BAD_REQUEST, format!("{}: {e}", host_path.path)))?;
         let (root, only) = if meta.is_dir() {
             (real, None)
         } else if meta.is_file() {
             let name = real.file_name().and_then(|n| n.to_str()).map(str::to_string);
             match (real.parent(), name) {
                 (Some(parent), Some(name)) => (parent.to_path_buf(), Some(name)),
-                _ => return Err(mount_error(StatusCode::BAD_REQUEST, format!("cannot sync {}", host_path.path))),
+                _ => {
+                    return Err(mount_error(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot sync {}", host_path.path),
+                    ))
+                }
             }
         } else {
             return Err(mount_error(
@@ -187,7 +214,12 @@ impl Mounts {
 
     /// The mount for a source: registered and fully synced, and flushed if
     /// it existed already.
-    async fn mount(&self, root: PathBuf, only: Option<String>, named: &str) -> Result<Arc<LocalMount>, MountError> {
+    async fn mount(
+        &self,
+        root: PathBuf,
+        only: Option<String>,
+        named: &str,
+    ) -> Result<Arc<LocalMount>, MountError> {
         let key = (root.clone(), only.clone());
         let existing = lock(&self.table).get(&key).cloned();
         if let Some(mount) = existing {
@@ -216,13 +248,23 @@ impl Mounts {
         }
         let (remote_changed, remote_events) = watch::channel(0u64);
         self.lifecycle.spawn(follow_remote(self.upstream.clone(), mount.clone(), remote_changed));
-        self.lifecycle.spawn(run_mount(self.upstream.clone(), mount.clone(), watcher, command_queue, remote_events));
+        self.lifecycle.spawn(run_mount(
+            self.upstream.clone(),
+            mount.clone(),
+            watcher,
+            command_queue,
+            remote_events,
+        ));
         Ok(mount)
     }
 
     /// Whether a mount's registration belongs to the link's current session.
     async fn current(&self, mount: &LocalMount) -> Result<bool, MountError> {
-        let session = self.upstream.session_info().await.map_err(|e| mount_error(StatusCode::BAD_GATEWAY, e.user_message()))?;
+        let session = self
+            .upstream
+            .session_info()
+            .await
+            .map_err(|e| mount_error(StatusCode::BAD_GATEWAY, e.user_message()))?;
         let remote = lock(&mount.remote).clone();
         Ok(!remote.stale && session.is_some_and(|s| s.session_id == remote.session_id))
     }
@@ -290,8 +332,10 @@ impl LocalMount {
 async fn register(upstream: &dyn Upstream, mount: &LocalMount) -> Result<(), MountError> {
     let started = Instant::now();
     let tree = lock(&mount.tree).clone();
-    let asked = MountRequest { local_path: tree.root.to_string_lossy().into_owned(), only: tree.only.clone() };
-    let json = serde_json::to_vec(&asked).map_err(|e| mount_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let asked =
+        MountRequest { local_path: tree.root.to_string_lossy().into_owned(), only: tree.only.clone() };
+    let json = serde_json::to_vec(&asked)
+        .map_err(|e| mount_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let (status, answer) = call(upstream, Method::POST, SYNC_PATH, body::full(json), false)
         .await
         .map_err(|e| mount_error(StatusCode::BAD_GATEWAY, e))?;
@@ -300,14 +344,21 @@ async fn register(upstream: &dyn Upstream, mount: &LocalMount) -> Result<(), Mou
     }
     let info: MountInfo = serde_json::from_slice(&answer)
         .map_err(|e| mount_error(StatusCode::BAD_GATEWAY, format!("the agent's mount answer: {e}")))?;
-    let session = upstream.session_info().await.ok().flatten().map(|s| s.session_id.clone()).unwrap_or_default();
-    *lock(&mount.remote) =
-        Remote { session_id: session, mount_id: info.mount_id.clone(), root: info.remote_root.clone(), stale: false };
+    let session =
+        upstream.session_info().await.ok().flatten().map(|s| s.session_id.clone()).unwrap_or_default();
+    *lock(&mount.remote) = Remote {
+        session_id: session,
+        mount_id: info.mount_id.clone(),
+        root: info.remote_root.clone(),
+        stale: false,
+    };
     let scan_tree = tree.clone();
     let local = tokio::task::spawn_blocking(move || scan_tree.scan())
         .await
         .map_err(|e| mount_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| mount_error(StatusCode::BAD_REQUEST, format!("offload cannot read {}: {e}", mount.local_source)))?;
+        .map_err(|e| {
+            mount_error(StatusCode::BAD_REQUEST, format!("offload cannot read {}: {e}", mount.local_source))
+        })?;
     let changes = diff(&local, &info.manifest);
     *lock(&mount.manifest) = local;
     if !changes.is_empty() {
@@ -323,7 +374,11 @@ async fn register(upstream: &dyn Upstream, mount: &LocalMount) -> Result<(), Mou
 }
 
 /// Sends `changes` of a mount; the manifest records each path as sent.
-async fn push(upstream: &dyn Upstream, mount: &LocalMount, changes: crate::sync::manifest::Changes) -> Result<(), String> {
+async fn push(
+    upstream: &dyn Upstream,
+    mount: &LocalMount,
+    changes: crate::sync::manifest::Changes,
+) -> Result<(), String> {
     let tree = lock(&mount.tree).clone();
     let remote = lock(&mount.remote).clone();
     let started = Instant::now();
@@ -412,7 +467,8 @@ async fn pull(upstream: &dyn Upstream, mount: &Arc<LocalMount>) -> Result<(), St
     let exchange = upstream.send(request).await.map_err(|e| e.user_message())?;
     let (head, response_body) = exchange.response.into_parts();
     if !head.status.is_success() {
-        let answer = Limited::new(response_body, 64 << 10).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let answer =
+            Limited::new(response_body, 64 << 10).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
         if head.status == StatusCode::NOT_FOUND {
             lock(&mount.remote).stale = true;
         }
@@ -420,7 +476,8 @@ async fn pull(upstream: &dyn Upstream, mount: &Arc<LocalMount>) -> Result<(), St
     }
     let tree = lock(&mount.tree).clone();
     let shared = mount.clone();
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let stamp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let applied = bridge::consume_blocking(response_body, move |input| {
         apply_changes(
             &tree,
@@ -434,7 +491,8 @@ async fn pull(upstream: &dyn Upstream, mount: &Arc<LocalMount>) -> Result<(), St
                     (None, None) => true,
                     _ => false,
                 };
-                let both_dirs = current.as_ref().is_some_and(|c| c.kind == Kind::Dir) && head.kind == RecordKind::Dir;
+                let both_dirs =
+                    current.as_ref().is_some_and(|c| c.kind == Kind::Dir) && head.kind == RecordKind::Dir;
                 if agreed || both_dirs {
                     Decision::Apply
                 } else if head.kind == RecordKind::Delete {
@@ -598,8 +656,14 @@ async fn follow_remote(upstream: Arc<dyn Upstream>, mount: Arc<LocalMount>, chan
     }
 }
 
-fn sync_request(method: Method, path: &str, request_body: Body, background: bool) -> Result<Request<Body>, String> {
-    let mut request = Request::builder().method(method).uri(path).body(request_body).map_err(|e| e.to_string())?;
+fn sync_request(
+    method: Method,
+    path: &str,
+    request_body: Body,
+    background: bool,
+) -> Result<Request<Body>, String> {
+    let mut request =
+        Request::builder().method(method).uri(path).body(request_body).map_err(|e| e.to_string())?;
     request.headers_mut().insert(header::HOST, HeaderValue::from_static("docker"));
     if background {
         request.headers_mut().insert(BACKGROUND, HeaderValue::from_static("1"));

@@ -194,7 +194,9 @@ async fn localize(mounts: &Mounts, headers: &mut http::HeaderMap, answer: Body, 
             return body::empty();
         }
     };
-    let Ok(mut parsed) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return body::full(bytes) };
+    let Ok(mut parsed) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return body::full(bytes);
+    };
     let local = |remote: &str| mounts.local_path(remote);
     let changed = match route {
         Route::ContainerList => crate::docker::binds::localize_list(&mut parsed, &local),

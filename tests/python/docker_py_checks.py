@@ -394,6 +394,23 @@ def archive_round_trip(ctx):
     expect(read_tar(b''.join(chunks)), {'payload.bin': payload}, 'archive contents')
 
 
+@check()
+def volume_bind_round_trip(ctx):
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix='offload-test-bind-') as local:
+        with open(os.path.join(local, 'in.txt'), 'w') as f:
+            f.write('from the host')
+        host_config = ctx.api.create_host_config(binds={local: {'bind': '/w', 'mode': 'rw'}})
+        cid = ctx.create(['sh', '-c', 'cat /w/in.txt > /w/out.txt'], host_config=host_config)
+        inspect = ctx.api.inspect_container(cid)
+        expect(inspect['HostConfig']['Binds'], [f'{local}:/w:rw'], 'inspect Binds')
+        expect([m['Source'] for m in inspect['Mounts']], [local], 'inspect Mounts[].Source')
+        ctx.api.start(cid)
+        expect(ctx.api.wait(cid, timeout=15).get('StatusCode'), 0, 'wait StatusCode')
+        with open(os.path.join(local, 'out.txt')) as f:
+            expect(f.read(), 'from the host', "the container's write, back on the host")
+
+
 # --------------------------------------------------------------------------
 # Harness
 
