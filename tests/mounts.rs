@@ -56,6 +56,23 @@ fn what_the_container_writes_is_here_when_run_returns_every_time() {
 }
 
 #[test]
+fn what_an_exec_writes_is_here_when_exec_returns() {
+    ensure_images();
+    let proxy = Proxy::start_via(Via::UnixAgent);
+    let work = tempfile::tempdir().expect("tmp");
+    let mut cleanup = Cleanup::default();
+    let name = cleanup.container(&unique("exec"));
+    docker(&proxy, &["run", "-d", "--name", &name, "-v", &bind(work.path(), "/w"), IMAGE, "sleep", "60"]);
+    for i in 0..20 {
+        // With and without a TTY-less attach: `-i` keeps stdin attached.
+        let interactive = if i % 2 == 0 { "-i" } else { "-d=false" };
+        let script = format!("echo exec{i} > /w/exec.txt");
+        docker(&proxy, &["exec", interactive, &name, "sh", "-c", &script]);
+        assert_eq!(read(&work.path().join("exec.txt")).trim(), format!("exec{i}"), "exec {i}");
+    }
+}
+
+#[test]
 fn a_running_container_sees_edits_and_its_writes_come_back_without_any_barrier() {
     ensure_images();
     let proxy = Proxy::start_via(Via::UnixAgent);

@@ -94,6 +94,17 @@ pub async fn handle(
             ));
         };
         let span = tracing::debug_span!("hijack", route = route.name());
+        let mut upstream_side = upstream_side;
+        if let (Some(mounts), Route::ContainerAttach | Route::ExecStart) = (&state.mounts, route) {
+            // The output's end tells the client the process is done: its
+            // writes must be here by then.
+            let mounts = mounts.clone();
+            upstream_side = Box::pin(async move {
+                let io = upstream_side.await?;
+                let gate: BoxFuture<()> = Box::pin(async move { mounts.pull().await });
+                Ok(Box::new(PullBeforeEof { inner: io, gate: Some(gate) }) as BoxedIo)
+            });
+        }
         state.lifecycle.spawn(relay(client_side, upstream_side, watch).instrument(span));
     }
 
@@ -253,5 +264,60 @@ impl http_body::Body for Gated {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A hijacked stream whose end (EOF from the engine) waits for `gate`.
+struct PullBeforeEof {
+    inner: BoxedIo,
+    gate: Option<BoxFuture<()>>,
+}
+
+impl tokio::io::AsyncRead for PullBeforeEof {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::ready;
+        let this = &mut *self;
+        if this.gate.is_none() {
+            return std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        ready!(std::pin::Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        // EOF: hold it until the gate has passed (the next poll reads EOF again).
+        if let Some(gate) = this.gate.as_mut() {
+            ready!(gate.as_mut().poll(cx));
+        }
+        this.gate = None;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for PullBeforeEof {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
