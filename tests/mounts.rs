@@ -29,6 +29,29 @@ fn try_docker(proxy: &Proxy, args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// A proxy whose link to the agent has `rtt` of delay: long enough that a
+/// sync without a barrier would lose the race against the docker CLI.
+struct DelayedLink {
+    // Field order is drop order: the proxy first, then relay and agent.
+    proxy: Proxy,
+    _relay: support::delay::DelayRelay,
+    _agent: AgentProcess,
+    _dir: tempfile::TempDir,
+}
+
+fn delayed_link(rtt: Duration) -> DelayedLink {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state").display().to_string();
+    let (agent, url) = AgentProcess::start(
+        dir.path(),
+        &["--listen".into(), "tcp://127.0.0.1:0".into(), "--insecure".into(), "--state-dir".into(), state],
+    );
+    let address = url.trim_start_matches("tcp://").parse().expect("agent address");
+    let relay = support::delay::DelayRelay::start(address, rtt);
+    let proxy = Proxy::start_with(&["--remote", &format!("tcp://{}", relay.addr), "--insecure"]);
+    DelayedLink { proxy, _relay: relay, _agent: agent, _dir: dir }
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -40,11 +63,17 @@ fn bind(dir: &Path, target: &str) -> String {
 #[test]
 fn what_the_container_writes_is_here_when_run_returns_every_time() {
     ensure_images();
-    let proxy = Proxy::start_via(Via::UnixAgent);
+    let link = delayed_link(Duration::from_millis(40));
+    let proxy = &link.proxy;
     let work = tempfile::tempdir().expect("tmp");
     std::fs::write(work.path().join("in.txt"), "hello").expect("write");
     for i in 0..50 {
-        let script = format!("cat /w/in.txt > /dev/null && echo done{i} > /w/out");
+        // Every tenth run writes 16 MB first: without the barrier, the last
+        // write would still be on its way over the delayed link when the CLI returns.
+        let blob = if i % 10 == 9 { 16_000_000 } else { 0 };
+        let script = format!(
+            "cat /w/in.txt > /dev/null && head -c {blob} /dev/urandom > /w/blob && echo done{i} > /w/out"
+        );
         docker(&proxy, &["run", "--rm", "-v", &bind(work.path(), "/w"), IMAGE, "sh", "-c", &script]);
         assert_eq!(
             read(&work.path().join("out")).trim(),
@@ -52,13 +81,15 @@ fn what_the_container_writes_is_here_when_run_returns_every_time() {
             "run {i}: {}",
             proxy.log_text()
         );
+        assert_eq!(std::fs::metadata(work.path().join("blob")).map(|m| m.len()).ok(), Some(blob), "run {i}");
     }
 }
 
 #[test]
 fn what_an_exec_writes_is_here_when_exec_returns() {
     ensure_images();
-    let proxy = Proxy::start_via(Via::UnixAgent);
+    let link = delayed_link(Duration::from_millis(100));
+    let proxy = &link.proxy;
     let work = tempfile::tempdir().expect("tmp");
     let mut cleanup = Cleanup::default();
     let name = cleanup.container(&unique("exec"));
@@ -66,9 +97,10 @@ fn what_an_exec_writes_is_here_when_exec_returns() {
     for i in 0..20 {
         // With and without a TTY-less attach: `-i` keeps stdin attached.
         let interactive = if i % 2 == 0 { "-i" } else { "-d=false" };
-        let script = format!("echo exec{i} > /w/exec.txt");
+        let script = format!("head -c 8000000 /dev/urandom > /w/big.bin && echo exec{i} > /w/exec.txt");
         docker(&proxy, &["exec", interactive, &name, "sh", "-c", &script]);
         assert_eq!(read(&work.path().join("exec.txt")).trim(), format!("exec{i}"), "exec {i}");
+        assert_eq!(std::fs::metadata(work.path().join("big.bin")).map(|m| m.len()).unwrap_or(0), 8_000_000);
     }
 }
 
