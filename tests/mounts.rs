@@ -74,7 +74,7 @@ fn what_the_container_writes_is_here_when_run_returns_every_time() {
         let script = format!(
             "cat /w/in.txt > /dev/null && head -c {blob} /dev/urandom > /w/blob && echo done{i} > /w/out"
         );
-        docker(&proxy, &["run", "--rm", "-v", &bind(work.path(), "/w"), IMAGE, "sh", "-c", &script]);
+        docker(proxy, &["run", "--rm", "-v", &bind(work.path(), "/w"), IMAGE, "sh", "-c", &script]);
         assert_eq!(
             read(&work.path().join("out")).trim(),
             format!("done{i}"),
@@ -93,12 +93,12 @@ fn what_an_exec_writes_is_here_when_exec_returns() {
     let work = tempfile::tempdir().expect("tmp");
     let mut cleanup = Cleanup::default();
     let name = cleanup.container(&unique("exec"));
-    docker(&proxy, &["run", "-d", "--name", &name, "-v", &bind(work.path(), "/w"), IMAGE, "sleep", "60"]);
+    docker(proxy, &["run", "-d", "--name", &name, "-v", &bind(work.path(), "/w"), IMAGE, "sleep", "60"]);
     for i in 0..20 {
         // With and without a TTY-less attach: `-i` keeps stdin attached.
         let interactive = if i % 2 == 0 { "-i" } else { "-d=false" };
         let script = format!("head -c 8000000 /dev/urandom > /w/big.bin && echo exec{i} > /w/exec.txt");
-        docker(&proxy, &["exec", interactive, &name, "sh", "-c", &script]);
+        docker(proxy, &["exec", interactive, &name, "sh", "-c", &script]);
         assert_eq!(read(&work.path().join("exec.txt")).trim(), format!("exec{i}"), "exec {i}");
         assert_eq!(std::fs::metadata(work.path().join("big.bin")).map(|m| m.len()).unwrap_or(0), 8_000_000);
     }
