@@ -251,6 +251,25 @@ fn inspect_and_list_show_local_paths() {
 }
 
 #[test]
+fn sync_stops_when_no_container_uses_the_mount() {
+    ensure_images();
+    let proxy = Proxy::start_via(Via::UnixAgent);
+    let work = tempfile::tempdir().expect("tmp");
+    let mut cleanup = Cleanup::default();
+    let (first, second) = (cleanup.container(&unique("user1")), cleanup.container(&unique("user2")));
+    for name in [&first, &second] {
+        docker(&proxy, &["create", "--name", name, "-v", &bind(work.path(), "/w"), IMAGE, "true"]);
+    }
+    let stopped = || proxy.log_text().contains("no container uses the mount any more");
+    docker(&proxy, &["rm", &first]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!stopped(), "another container still uses it");
+    docker(&proxy, &["rm", &second]);
+    // Checked every 15 s, and only once no create has named it for 10 s.
+    assert!(eventually(Duration::from_secs(40), stopped), "{}", proxy.log_text());
+}
+
+#[test]
 fn offloadignore_excludes_paths_both_ways() {
     ensure_images();
     let proxy = Proxy::start_via(Via::UnixAgent);

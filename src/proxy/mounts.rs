@@ -7,14 +7,15 @@
 //! pending local edits (before start, restart, exec), [`Mounts::pull`] brings
 //! the container's writes back (before a `wait` answer reaches the client).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, Body};
@@ -36,6 +37,10 @@ const MAX_DEBOUNCE: Duration = Duration::from_millis(100);
 /// A sync that takes longer than this logs its progress.
 const PROGRESS_AFTER: Duration = Duration::from_secs(1);
 const EVENTS_RETRY: Duration = Duration::from_secs(1);
+/// How often mounts are checked for containers that still use them.
+const UNUSED_CHECK: Duration = Duration::from_secs(15);
+/// A mount a create named this recently is kept (its container may not exist yet).
+const RECENT_USE: Duration = Duration::from_secs(10);
 
 /// Why a create cannot go ahead; the text is the client's error message.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +64,7 @@ pub struct Mounts {
     own_socket: PathBuf,
     /// By local source (root directory, single file name).
     table: Mutex<HashMap<MountKey, Arc<LocalMount>>>,
+    check_now: Notify,
 }
 
 struct LocalMount {
@@ -69,6 +75,27 @@ struct LocalMount {
     remote: Mutex<Remote>,
     commands: mpsc::Sender<Command>,
     stop: CancellationToken,
+    /// Containers created with this mount; sync stops when none exists.
+    containers: Mutex<HashSet<String>>,
+    /// Used by a volume: kept while the proxy runs.
+    pinned: AtomicBool,
+    /// When a create last named it.
+    last_used: Mutex<Instant>,
+}
+
+/// A create body with its bind sources pointed at synced copies.
+#[derive(Default)]
+pub struct Rewritten {
+    /// `None`: nothing to change (or not JSON: the engine's own error comes back).
+    pub body: Option<Vec<u8>>,
+    mounts: Vec<Arc<LocalMount>>,
+}
+
+impl Rewritten {
+    /// Whether the create named no synced mount.
+    pub fn is_empty(&self) -> bool {
+        self.mounts.is_empty()
+    }
 }
 
 #[derive(Clone, Default)]
@@ -91,7 +118,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Mounts {
     pub fn new(upstream: Arc<dyn Upstream>, lifecycle: Lifecycle, own_socket: PathBuf) -> Arc<Self> {
-        Arc::new(Self { upstream, lifecycle, own_socket, table: Mutex::new(HashMap::new()) })
+        let mounts = Arc::new(Self {
+            upstream,
+            lifecycle: lifecycle.clone(),
+            own_socket,
+            table: Mutex::new(HashMap::new()),
+            check_now: Notify::new(),
+        });
+        lifecycle.spawn(mounts.clone().retire_unused());
+        mounts
     }
 
     fn mounts(&self) -> Vec<Arc<LocalMount>> {
@@ -101,21 +136,29 @@ impl Mounts {
     /// Rewrites a container-create body: every local bind source becomes its
     /// synced remote copy (synced before this returns). `Ok(None)`: nothing
     /// to rewrite (or not JSON: the engine's own error comes back).
-    pub async fn rewrite_create(&self, body: &[u8], volume: bool) -> Result<Option<Vec<u8>>, MountError> {
-        let Ok(mut parsed) = serde_json::from_slice::<serde_json::Value>(body) else { return Ok(None) };
+    pub async fn rewrite_create(&self, body: &[u8], volume: bool) -> Result<Rewritten, MountError> {
+        let mut rewritten = Rewritten::default();
+        let Ok(mut parsed) = serde_json::from_slice::<serde_json::Value>(body) else { return Ok(rewritten) };
         let found = if volume {
             crate::docker::binds::volume_host_paths(&parsed)
         } else {
             crate::docker::binds::container_host_paths(&parsed)
         };
         if found.is_empty() {
-            return Ok(None);
+            return Ok(rewritten);
         }
         let mut remote_paths = HashMap::new();
         for host_path in &found {
             if !remote_paths.contains_key(&host_path.path) {
-                let remote = self.remote_path(host_path).await?;
+                let (remote, mount) = self.remote_path(host_path).await?;
                 remote_paths.insert(host_path.path.clone(), remote);
+                if let Some(mount) = mount {
+                    if volume {
+                        // A volume outlives any container: it keeps its mount.
+                        mount.pinned.store(true, Ordering::Relaxed);
+                    }
+                    rewritten.mounts.push(mount);
+                }
             }
         }
         let visit = |p: &HostPath| remote_paths.get(&p.path).cloned();
@@ -124,17 +167,76 @@ impl Mounts {
         } else {
             rewrite_container_create(&mut parsed, visit)
         };
-        if !changed {
-            return Ok(None);
+        if changed {
+            rewritten.body = Some(
+                serde_json::to_vec(&parsed)
+                    .map_err(|e| mount_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+            );
         }
-        serde_json::to_vec(&parsed)
-            .map(Some)
-            .map_err(|e| mount_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        Ok(rewritten)
+    }
+
+    /// Records that a created container uses the mounts its create named.
+    pub fn used_by(&self, rewritten: &Rewritten, container_id: &str) {
+        for mount in &rewritten.mounts {
+            lock(&mount.containers).insert(container_id.to_string());
+        }
+    }
+
+    /// Looks for unused mounts now (a container was removed through us).
+    pub fn check_unused(&self) {
+        self.check_now.notify_one();
+    }
+
+    /// Stops syncing mounts that no existing container uses any more (after
+    /// one last pull: the container's final writes still come back).
+    async fn retire_unused(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.lifecycle.token.cancelled() => return,
+                _ = self.check_now.notified() => {}
+                _ = tokio::time::sleep(UNUSED_CHECK) => {}
+            }
+            for mount in self.mounts() {
+                let containers: Vec<String> = lock(&mount.containers).iter().cloned().collect();
+                // A create naming the mount may still be on its way.
+                let recent = containers.is_empty() && lock(&mount.last_used).elapsed() < RECENT_USE;
+                if mount.pinned.load(Ordering::Relaxed) || recent {
+                    continue;
+                }
+                for id in containers {
+                    let path = format!("/containers/{id}/json");
+                    if let Ok((StatusCode::NOT_FOUND, _)) =
+                        call(self.upstream.as_ref(), Method::GET, &path, body::empty(), true).await
+                    {
+                        lock(&mount.containers).remove(&id);
+                    }
+                }
+                let retired = {
+                    let mut table = lock(&self.table);
+                    // A create that is using the mount right now bumped `last_used`.
+                    let idle = lock(&mount.last_used).elapsed() >= RECENT_USE;
+                    let unused = idle && lock(&mount.containers).is_empty();
+                    if unused {
+                        table.retain(|_, m| !Arc::ptr_eq(m, &mount));
+                    }
+                    unused
+                };
+                if retired {
+                    mount.pull().await;
+                    mount.stop.cancel();
+                    tracing::info!(source = %mount.local_source, "no container uses the mount any more; sync stopped");
+                }
+            }
+        }
     }
 
     /// Where a local path is on the remote: the engine's socket for a docker
     /// socket bind, else a synced copy.
-    async fn remote_path(&self, host_path: &HostPath) -> Result<String, MountError> {
+    async fn remote_path(
+        &self,
+        host_path: &HostPath,
+    ) -> Result<(String, Option<Arc<LocalMount>>), MountError> {
         let source = Path::new(&host_path.path);
         if source == Path::new("/var/run/docker.sock")
             || source == Path::new("/run/docker.sock")
@@ -146,7 +248,7 @@ impl Mounts {
                 .await
                 .map_err(|e| mount_error(StatusCode::BAD_GATEWAY, e.user_message()))?;
             let socket = session.and_then(|s| s.engine_socket.clone());
-            return Ok(socket.unwrap_or_else(|| "/var/run/docker.sock".to_string()));
+            return Ok((socket.unwrap_or_else(|| "/var/run/docker.sock".to_string()), None));
         }
         let meta = match std::fs::metadata(source) {
             Ok(meta) => meta,
@@ -205,11 +307,11 @@ impl Mounts {
         };
         let mount = self.mount(root, only, &host_path.path).await?;
         let remote = lock(&mount.remote).clone();
-        let tree = lock(&mount.tree);
-        Ok(match &tree.only {
+        let path = match &lock(&mount.tree).only {
             Some(name) => format!("{}/{name}", remote.root),
             None => remote.root,
-        })
+        };
+        Ok((path, Some(mount)))
     }
 
     /// The mount for a source: registered and fully synced, and flushed if
@@ -221,7 +323,15 @@ impl Mounts {
         named: &str,
     ) -> Result<Arc<LocalMount>, MountError> {
         let key = (root.clone(), only.clone());
-        let existing = lock(&self.table).get(&key).cloned();
+        let existing = {
+            // Under the table's lock, so the unused check cannot retire it now.
+            let table = lock(&self.table);
+            let existing = table.get(&key).cloned();
+            if let Some(mount) = &existing {
+                *lock(&mount.last_used) = Instant::now();
+            }
+            existing
+        };
         if let Some(mount) = existing {
             if self.current(&mount).await? {
                 mount.flush().await;
@@ -241,6 +351,9 @@ impl Mounts {
             remote: Mutex::new(Remote::default()),
             commands,
             stop: self.lifecycle.token.child_token(),
+            containers: Mutex::new(HashSet::new()),
+            pinned: AtomicBool::new(false),
+            last_used: Mutex::new(Instant::now()),
         });
         self.register(&mount).await?;
         if let Some(old) = lock(&self.table).insert(key, mount.clone()) {

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tracing::Instrument;
 
 use super::hangup::HangupWatch;
-use super::mounts::Mounts;
+use super::mounts::{Mounts, Rewritten};
 use super::ports::PortForwards;
 use crate::body::{self, Body};
 use crate::docker::error::error_response;
@@ -64,6 +64,7 @@ pub async fn handle(
     let (mut parts, incoming) = request.into_parts();
     upstream_request_headers(&mut parts.headers, upgrade);
     let mut outgoing = body::stream(incoming);
+    let mut mounts_used = None;
     if let Some(mounts) = &state.mounts {
         // Nobody sees stale files: pending edits reach the remote copy first.
         if matches!(route, Route::ExecCreate | Route::ExecStart) || started.is_some() {
@@ -71,7 +72,10 @@ pub async fn handle(
         }
         if matches!(route, Route::ContainerCreate | Route::VolumeCreate) {
             match rewrite_binds(mounts, &mut parts, outgoing, route == Route::VolumeCreate).await {
-                Ok(rewritten) => outgoing = rewritten,
+                Ok((rewritten, used)) => {
+                    outgoing = rewritten;
+                    mounts_used = Some(used);
+                }
                 Err(refusal) => return Ok(refusal),
             }
         }
@@ -131,6 +135,12 @@ pub async fn handle(
             Route::ContainerInspect | Route::ContainerList if !mounts.is_empty() => {
                 response_body = localize(mounts, &mut head.headers, response_body, route).await;
             }
+            Route::ContainerCreate => {
+                if let Some(used) = mounts_used.filter(|u| !u.is_empty()) {
+                    response_body = note_container(mounts, &used, &mut head.headers, response_body).await;
+                }
+            }
+            _ if stopped.is_some() && method == http::Method::DELETE => mounts.check_unused(),
             _ => {}
         }
     }
@@ -176,7 +186,7 @@ async fn rewrite_binds(
     parts: &mut http::request::Parts,
     incoming: Body,
     volume: bool,
-) -> Result<Body, Response<Body>> {
+) -> Result<(Body, Rewritten), Response<Body>> {
     let bytes = match Limited::new(incoming, MAX_CREATE_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
@@ -186,14 +196,40 @@ async fn rewrite_binds(
             ))
         }
     };
-    let rewritten = match mounts.rewrite_create(&bytes, volume).await {
-        Ok(Some(rewritten)) => bytes::Bytes::from(rewritten),
-        Ok(None) => bytes,
+    let mut used = match mounts.rewrite_create(&bytes, volume).await {
+        Ok(used) => used,
         Err(error) => return Err(error_response(error.status, &error.message)),
     };
+    let rewritten = used.body.take().map(bytes::Bytes::from).unwrap_or(bytes);
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     parts.headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(rewritten.len()));
-    Ok(body::full(rewritten))
+    Ok((body::full(rewritten), used))
+}
+
+/// Reads a create answer (`{"Id": ...}`) to note which container uses the
+/// mounts, and passes it on unchanged.
+async fn note_container(
+    mounts: &Mounts,
+    used: &Rewritten,
+    headers: &mut http::HeaderMap,
+    answer: Body,
+) -> Body {
+    let bytes = match Limited::new(answer, 1 << 20).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read a create answer");
+            return body::empty();
+        }
+    };
+    if let Some(id) = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["Id"].as_str().map(str::to_string))
+    {
+        mounts.used_by(used, &id);
+    }
+    headers.remove(http::header::TRANSFER_ENCODING);
+    headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(bytes.len()));
+    body::full(bytes)
 }
 
 /// Maps synced copies' paths in an inspect or list answer back to local ones.
