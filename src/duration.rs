@@ -36,6 +36,23 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number.checked_mul(1u64 << shift).ok_or_else(|| format!("{text} is too large"))
 }
 
+/// `90s` → `1m30s`, `1800s` → `30m`: how the commands print durations.
+pub fn format_duration(duration: Duration) -> String {
+    let total = duration.as_secs();
+    let (hours, minutes, seconds) = (total / 3600, total % 3600 / 60, total % 60);
+    let mut text = String::new();
+    if hours > 0 {
+        text.push_str(&format!("{hours}h"));
+    }
+    if minutes > 0 {
+        text.push_str(&format!("{minutes}m"));
+    }
+    if seconds > 0 || text.is_empty() {
+        text.push_str(&format!("{seconds}s"));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +84,13 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("5X").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn formats_durations_compactly() {
+        assert_eq!(format_duration(Duration::from_secs(1800)), "30m");
+        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(format_duration(Duration::from_secs(3600 + 5)), "1h5s");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
     }
 }

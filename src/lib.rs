@@ -21,6 +21,7 @@
 pub mod agent;
 pub mod body;
 pub mod certs;
+pub mod control;
 pub mod docker;
 pub mod duration;
 pub mod lifecycle;

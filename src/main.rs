@@ -40,6 +40,68 @@ enum Command {
     /// Certificates for the TLS link.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Start offload in the background and switch the docker context to it
+    /// (without --remote: an embedded agent against this machine's engine).
+    Start(StartArgs),
+    /// End the session (removing what it created), stop offload, switch the context back.
+    Stop(StopArgs),
+    /// Show the link, the session, port forwards and synced mounts.
+    Status(StatusArgs),
+    /// Install `docker offload ...` as a docker CLI plugin (~/.docker/cli-plugins).
+    InstallPlugin,
+}
+
+#[derive(clap::Args)]
+struct StartArgs {
+    /// The remote: tls://HOST:PORT or ssh://[user@]host[:port] (default: embedded)
+    #[arg(long)]
+    remote: Option<String>,
+    /// Require the remote to have an NVIDIA GPU
+    #[arg(long)]
+    gpu: bool,
+    /// End the session after this long without activity (embedded agent)
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// How long to wait for the remote to answer
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Leave the docker context alone (print DOCKER_HOST instead)
+    #[arg(long)]
+    no_context: bool,
+    /// Allow a plain tcp:// or unix:// remote (tests only)
+    #[arg(long)]
+    insecure: bool,
+    /// An argument for ssh, before the host (repeatable)
+    #[arg(long = "ssh-arg", allow_hyphen_values = true)]
+    ssh_args: Vec<String>,
+    /// The command ssh runs on the remote host
+    #[arg(long)]
+    remote_command: Option<String>,
+    /// Where published ports listen on this machine when `-p` names no address
+    #[arg(long)]
+    publish_address: Option<std::net::IpAddr>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(clap::Args)]
+struct StopArgs {
+    /// Do not wait for open streams to finish
+    #[arg(long)]
+    force: bool,
+    /// Leave the docker context alone
+    #[arg(long)]
+    no_context: bool,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Refresh every 2 seconds
+    #[arg(long)]
+    watch: bool,
+    /// pretty or json
+    #[arg(long, default_value = "pretty")]
+    format: String,
 }
 
 #[derive(Subcommand)]
@@ -138,6 +200,15 @@ struct ProxyArgs {
     /// The command ssh runs on the remote host
     #[arg(long, default_value = "offload agent --stdio")]
     remote_command: String,
+    /// Run an agent inside this process against --docker (the embedded default of `offload start`)
+    #[arg(long, conflicts_with = "remote")]
+    embedded: bool,
+    /// The embedded agent's state (session records, synced copies)
+    #[arg(long, requires = "embedded")]
+    state_dir: Option<PathBuf>,
+    /// The embedded agent's idle timeout
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    idle_timeout: Duration,
     #[command(flatten)]
     tls: TlsArgs,
     /// How long open streams may continue after SIGINT/SIGTERM
@@ -183,7 +254,15 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "docker-cli-plugin-metadata") {
+        say(&offload::control::plugin::metadata());
+        return ExitCode::SUCCESS;
+    }
+    let cli = match offload::control::plugin::plugin_arguments(&args) {
+        Some(as_offload) => Cli::parse_from(as_offload),
+        None => Cli::parse(),
+    };
     init_tracing();
     // One thread: the proxy and agent are relays; two worker threads gave no
     // measurable latency gain on a 2-core machine. OFFLOAD_WORKER_THREADS overrides.
@@ -200,6 +279,12 @@ fn main() -> ExitCode {
         Command::Proxy(args) => runtime.block_on(run_proxy(args)),
         Command::Agent(args) => runtime.block_on(run_agent(args)),
         Command::Certs(CertsCommand::Init(args)) => certs_init(args),
+        Command::Start(args) => runtime.block_on(start(args)),
+        Command::Stop(args) => runtime.block_on(stop(args)),
+        Command::Status(args) => runtime.block_on(status(args)),
+        Command::InstallPlugin => offload::control::plugin::install().map(|path| {
+            say(&format!("installed {}: `docker offload start|stop|status` now work", path.display()));
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -221,16 +306,112 @@ fn certs_init(args: CertsInitArgs) -> Result<(), String> {
     Ok(())
 }
 
+async fn start(args: StartArgs) -> Result<(), String> {
+    let mut proxy_args: Vec<std::ffi::OsString> = Vec::new();
+    let mut flag = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            proxy_args.push(format!("--{name}={value}").into());
+        }
+    };
+    flag("tlscacert", args.tls.tlscacert.as_ref().map(|p| p.display().to_string()));
+    flag("tlscert", args.tls.tlscert.as_ref().map(|p| p.display().to_string()));
+    flag("tlskey", args.tls.tlskey.as_ref().map(|p| p.display().to_string()));
+    flag("remote-command", args.remote_command.clone());
+    flag("publish-address", args.publish_address.map(|a| a.to_string()));
+    if args.remote.is_none() {
+        flag("idle-timeout", Some(format!("{}ms", args.idle_timeout.as_millis())));
+    }
+    for arg in &args.ssh_args {
+        proxy_args.push(format!("--ssh-arg={arg}").into());
+    }
+    if args.insecure {
+        proxy_args.push("--insecure".into());
+    }
+    if let Some(remote) = &args.remote {
+        check_plain(&RemoteAddress::parse(remote)?, args.insecure)?;
+    }
+    let options = offload::control::start::StartOptions {
+        remote: args.remote,
+        proxy_args,
+        require_gpu: args.gpu,
+        timeout: args.timeout,
+        switch_context: !args.no_context,
+    };
+    let paths = offload::control::paths::Paths::resolve();
+    let started = offload::control::start::start(&paths, options).await?;
+    say(&offload::control::start::summary(&started));
+    if args.no_context {
+        say(&format!("  export DOCKER_HOST=unix://{}", paths.socket().display()));
+    }
+    Ok(())
+}
+
+async fn stop(args: StopArgs) -> Result<(), String> {
+    let paths = offload::control::paths::Paths::resolve();
+    let stopped = offload::control::stop::stop(&paths, args.force, !args.no_context).await?;
+    say(&offload::control::stop::summary(&stopped));
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> Result<(), String> {
+    let json = match args.format.as_str() {
+        "json" => true,
+        "pretty" => false,
+        other => return Err(format!("--format {other}: use pretty or json")),
+    };
+    let paths = offload::control::paths::Paths::resolve();
+    loop {
+        let report = offload::control::status::status(&paths).await;
+        if json {
+            say(&serde_json::to_string_pretty(&report).unwrap_or_default());
+        } else {
+            if args.watch {
+                // Clear the screen between refreshes.
+                say_raw("\x1b[2J\x1b[H");
+            }
+            say(&offload::control::status::pretty(&report));
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Prints a line; a closed stdout (`offload status | head`) is not an error.
+fn say(text: &str) {
+    say_raw(&format!("{text}\n"));
+}
+
+fn say_raw(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     let tls = args.tls.files();
-    let upstream: Arc<dyn Upstream> = match args.remote {
-        Some(remote) => {
+    let mut embedded_agent = None;
+    if args.embedded {
+        let state_dir =
+            args.state_dir.clone().unwrap_or_else(|| offload::control::paths::Paths::resolve().agent_dir());
+        let options = offload::control::embedded::EmbeddedOptions {
+            engine: args.docker.clone(),
+            idle_timeout: args.idle_timeout,
+            grace: Duration::from_secs(5 * 60),
+            keepalive: args.keepalive,
+        };
+        embedded_agent = Some(offload::control::embedded::start(&state_dir, options)?);
+    }
+    let upstream: Arc<dyn Upstream> = match (args.remote, embedded_agent.as_ref()) {
+        (_, Some((upstream, _))) => upstream.clone(),
+        (Some(remote), None) => {
             check_plain(&remote, args.insecure)?;
             let ssh = SshOptions { args: args.ssh_args, remote_command: args.remote_command };
             let dialer = Dialer::new(remote, &tls, ssh).map_err(|e| e.to_string())?;
             Arc::new(LinkUpstream::new(dialer, args.keepalive))
         }
-        None => Arc::new(EngineUpstream::new(args.docker, &tls).map_err(|e| e.to_string())?),
+        (None, None) => Arc::new(EngineUpstream::new(args.docker, &tls).map_err(|e| e.to_string())?),
     };
     let config = ProxyConfig {
         listen: args.listen,

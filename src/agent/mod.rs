@@ -58,7 +58,25 @@ impl Agent {
     /// An agent with the sessions an earlier agent recorded in `config.state_dir`.
     pub fn new(engine: EngineUpstream, config: SessionConfig, sync: SyncConfig) -> Self {
         let sync = AgentSync::new(sync);
-        Self { state: Arc::new(AgentState { engine, sessions: Sessions::load(config), sync }) }
+        let sessions = Sessions::load(config);
+        Self {
+            state: Arc::new(AgentState {
+                engine,
+                sessions,
+                sync,
+                ports_on_loopback: true,
+                gpus: std::sync::Mutex::new(None),
+            }),
+        }
+    }
+
+    /// For an agent on the proxy's own machine (the embedded default): the
+    /// engine's port bindings already serve this machine, so they are kept.
+    pub fn on_the_proxys_machine(mut self) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.ports_on_loopback = false;
+        }
+        self
     }
 
     /// Starts the idle watcher (ends idle sessions, runs `--on-idle-exit`);

@@ -20,10 +20,11 @@ use super::sync::{AgentSync, SYNC_PREFIX};
 use super::tracked_body::{Guarded, Inspected};
 use crate::body::{self, Body};
 use crate::docker::error::error_response;
+use crate::docker::gpu::{requests_gpu, EngineGpus, NO_GPU};
 use crate::docker::headers::{is_close_delimited, strip_hop_by_hop};
 use crate::docker::ownership::{add_label, creation, loaded_images, Creation, SESSION_LABEL};
 use crate::docker::ports::bind_to_loopback;
-use crate::link::protocol::{self, EngineFacts, PingFacts, SessionInfo, SessionRequest};
+use crate::link::protocol::{self, EngineFacts, GpuFacts, PingFacts, SessionInfo, SessionRequest};
 use crate::link::stream::{self, BodyReader};
 use crate::splice::splice;
 use crate::upstream::engine::EngineUpstream;
@@ -33,6 +34,18 @@ pub struct AgentState {
     pub engine: EngineUpstream,
     pub sessions: Sessions,
     pub sync: AgentSync,
+    /// Published ports bind to the remote's loopback (they are forwarded);
+    /// false when the proxy is on the engine's own machine (embedded).
+    pub ports_on_loopback: bool,
+    /// The engine's GPUs as last read, so a GPU create is checked without
+    /// asking the engine again.
+    pub gpus: std::sync::Mutex<Option<GpuFacts>>,
+}
+
+impl AgentState {
+    fn known_gpus(&self) -> std::sync::MutexGuard<'_, Option<GpuFacts>> {
+        self.gpus.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// One link's state: the session its handshake opened, and the token that
@@ -96,7 +109,20 @@ async fn open_session(state: &AgentState, link: &LinkContext, request: Request<I
         Ok(facts) => facts,
         Err(message) => return error_response(StatusCode::BAD_GATEWAY, &message),
     };
-    let (session, resumed) = match state.sessions.open(asked.resume_token.as_deref()) {
+    // Read anew at every session open; creates are checked against it.
+    if let Some(gpu) = &engine.gpu {
+        *state.known_gpus() = Some(gpu.clone());
+    }
+    let opened = if asked.resume_only {
+        // The proxy's own watchers reconnecting: never a new session for them.
+        match state.sessions.resume(asked.resume_token.as_deref()) {
+            Some(session) => Ok((session, true)),
+            None => return error_response(StatusCode::GONE, "the session has ended"),
+        }
+    } else {
+        state.sessions.open(asked.resume_token.as_deref())
+    };
+    let (session, resumed) = match opened {
         Ok(opened) => opened,
         Err(error) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
     };
@@ -132,6 +158,7 @@ async fn status(state: &AgentState, session: &Session) -> Response<Body> {
     let list = |kind| labelled(&state.engine, &session.id, kind);
     let (containers, volumes, networks) =
         (list(Kind::Containers).await, list(Kind::Volumes).await, list(Kind::Networks).await);
+    let gpu = state.known_gpus().clone();
     let report = serde_json::json!({
         "session_id": session.id,
         "started_unix": session.started.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
@@ -151,6 +178,7 @@ async fn status(state: &AgentState, session: &Session) -> Response<Body> {
             "volumes": volumes.unwrap_or_default(),
             "networks": networks.unwrap_or_default(),
         },
+        "gpu": gpu,
     });
     json_response(serde_json::to_vec(&report).unwrap_or_default())
 }
@@ -175,7 +203,8 @@ async fn engine_facts(engine: &EngineUpstream) -> Result<(EngineFacts, PingFacts
         .filter(|(name, _)| *name != header::DATE && *name != header::CONTENT_LENGTH)
         .filter_map(|(name, value)| Some((title_case(name.as_str()), value.to_str().ok()?.to_string())))
         .collect();
-    let version = engine.send(engine_get("/version")).await.map_err(unreachable)?;
+    let (version, gpu) = tokio::join!(engine.send(engine_get("/version")), detect_gpus(engine));
+    let version = version.map_err(unreachable)?;
     let text = collect_text(version.response.into_body()).await?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("engine /version: {e}"))?;
     let field = |name: &str| json[name].as_str().unwrap_or_default().to_string();
@@ -185,8 +214,40 @@ async fn engine_facts(engine: &EngineUpstream) -> Result<(EngineFacts, PingFacts
         min_api_version: field("MinAPIVersion"),
         os: field("Os"),
         arch: field("Arch"),
+        gpu,
     };
     Ok((facts, PingFacts { headers, body: ping_text }))
+}
+
+/// Reads the engine's GPUs from its `/info`; `None` when `/info` cannot be
+/// read (the session opens all the same).
+async fn detect_gpus(engine: &EngineUpstream) -> Option<GpuFacts> {
+    let info = match json(engine, "/info").await {
+        Ok(info) => info,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the engine's /info: GPU support unknown");
+            return None;
+        }
+    };
+    let found = EngineGpus::from_info(&info);
+    let facts =
+        GpuFacts { available: found.available(), runtimes: found.runtimes, cdi_devices: found.cdi_devices };
+    tracing::debug!(available = facts.available, runtimes = ?facts.runtimes, "engine GPUs");
+    Some(facts)
+}
+
+/// True only when the engine is known to have no GPU: when unsure, the
+/// engine answers for itself.
+async fn engine_lacks_gpu(state: &AgentState) -> bool {
+    let known = state.known_gpus().clone();
+    let facts = match known {
+        Some(facts) => Some(facts),
+        None => detect_gpus(&state.engine).await,
+    };
+    if let Some(facts) = &facts {
+        *state.known_gpus() = Some(facts.clone());
+    }
+    facts.is_some_and(|facts| !facts.available)
 }
 
 fn engine_get(path: &str) -> Request<Body> {
@@ -248,6 +309,12 @@ async fn forward(
                     )
                 }
             };
+            // The engine's own error would come only at start, and obscure.
+            if creation == Some(Creation::Container) && requests_gpu(&bytes) && engine_lacks_gpu(state).await
+            {
+                tracing::warn!(session = %session.id, "GPU create refused: the engine has no GPU");
+                return error_response(StatusCode::BAD_REQUEST, NO_GPU);
+            }
             // What the body binds is checked after the proxy rewrote it: a
             // client that bypasses the proxy gets no host path it may not have.
             let volume = creation == Some(Creation::Volume);
@@ -259,7 +326,7 @@ async fn forward(
             }
             let mut labelled =
                 add_label(&bytes, SESSION_LABEL, &session.id).map(Bytes::from).unwrap_or(bytes);
-            if creation == Some(Creation::Container) {
+            if creation == Some(Creation::Container) && state.ports_on_loopback {
                 labelled = publish_on_loopback(&state.engine, labelled).await;
             }
             parts.headers.remove(header::TRANSFER_ENCODING);
@@ -523,5 +590,22 @@ mod tests {
         assert_eq!(title_case("api-version"), "Api-Version");
         assert_eq!(title_case("ostype"), "Ostype");
         assert_eq!(title_case("docker-experimental"), "Docker-Experimental");
+    }
+
+    #[test]
+    fn gpu_facts_are_optional_on_the_wire() {
+        // An older agent's engine facts: no `gpu`, which reads as unknown.
+        let old = r#"{"version":"28.3.0","api_version":"1.51","min_api_version":"1.24","os":"linux","arch":"amd64"}"#;
+        let facts: EngineFacts = serde_json::from_str(old).unwrap();
+        assert_eq!(facts.gpu, None);
+        assert!(!serde_json::to_string(&facts).unwrap().contains("gpu"));
+        let gpu = GpuFacts { available: true, runtimes: vec!["nvidia".into()], cdi_devices: vec![] };
+        let new = serde_json::to_value(EngineFacts { gpu: Some(gpu), ..facts }).unwrap();
+        assert_eq!(
+            new["gpu"],
+            serde_json::json!({"available": true, "runtimes": ["nvidia"], "cdi_devices": []})
+        );
+        let partial: GpuFacts = serde_json::from_str(r#"{"available":false}"#).unwrap();
+        assert_eq!(partial, GpuFacts::default());
     }
 }

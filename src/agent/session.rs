@@ -248,6 +248,12 @@ impl Sessions {
         Ok((session, false))
     }
 
+    /// The live session for a token, without counting it as activity.
+    pub fn resume(&self, resume_token: Option<&str>) -> Option<Arc<Session>> {
+        let session = self.table().get(resume_token?).cloned()?;
+        (!session.is_ended()).then_some(session)
+    }
+
     pub fn all(&self) -> Vec<Arc<Session>> {
         self.table().values().cloned().collect()
     }

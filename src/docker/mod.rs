@@ -2,6 +2,7 @@
 
 pub mod binds;
 pub mod error;
+pub mod gpu;
 pub mod headers;
 pub mod ownership;
 pub mod ports;

@@ -41,6 +41,11 @@ pub struct SessionRequest {
     /// Present when resuming a session after a reconnect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_token: Option<String>,
+    /// Set when the proxy reconnects only for its own background streams:
+    /// resume the session, but never start a new one (410 Gone instead), so
+    /// a watcher cannot keep an ended session's successor alive.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +70,24 @@ pub struct EngineFacts {
     pub min_api_version: String,
     pub os: String,
     pub arch: String,
+    /// What the engine offers `docker run --gpus`; `None` from agents that
+    /// predate it, or when the engine's `/info` could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuFacts>,
+}
+
+/// The engine's GPUs, as its `GET /info` tells (see `docker::gpu`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuFacts {
+    /// A GPU create can work there; when false the agent refuses it.
+    #[serde(default)]
+    pub available: bool,
+    /// The engine's GPU runtimes (`nvidia`, `nvidia-cdi`, ...).
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    /// GPUs the engine found through CDI (`nvidia.com/gpu=0`; newer engines).
+    #[serde(default)]
+    pub cdi_devices: Vec<String>,
 }
 
 /// The headers of the engine's `GET /_ping` response, in order, and its body.

@@ -76,12 +76,13 @@ pub async fn run(
     lifecycle: Lifecycle,
     config: ProxyConfig,
 ) {
-    // Ports and bind mounts need help only when the engine is on another machine.
-    let remote = upstream.forwards_ports();
-    let ports =
-        remote.then(|| ports::PortForwards::new(upstream.clone(), lifecycle.clone(), config.publish_address));
-    let mounts =
-        remote.then(|| mounts::Mounts::new(upstream.clone(), lifecycle.clone(), config.listen.clone()));
+    // Ports need forwards only when the engine is on another machine.
+    let ports = upstream
+        .forwards_ports()
+        .then(|| ports::PortForwards::new(upstream.clone(), lifecycle.clone(), config.publish_address));
+    let mounts = upstream
+        .syncs_mounts()
+        .then(|| mounts::Mounts::new(upstream.clone(), lifecycle.clone(), config.listen.clone()));
     let state = Arc::new(ProxyState { upstream, lifecycle: lifecycle.clone(), ports, mounts });
     let mut next_id: u64 = 0;
     loop {

@@ -27,7 +27,7 @@ use crate::sync::scan::{children, Tree};
 use crate::sync::stream::{apply_changes, write_changes, Decision, RecordKind, Totals};
 use crate::sync::watch::{Batch, TreeWatcher};
 use crate::sync::{bridge, MountInfo, MountRequest, PushReport};
-use crate::upstream::Upstream;
+use crate::upstream::{FailureKind, Upstream};
 
 const SYNC_PATH: &str = "/_offload/v1/sync/mounts";
 /// Edits arriving this close together travel in one push.
@@ -81,6 +81,19 @@ struct LocalMount {
     pinned: AtomicBool,
     /// When a create last named it.
     last_used: Mutex<Instant>,
+    stats: Mutex<MountStats>,
+}
+
+/// What `offload status` shows per mount.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct MountStats {
+    /// Local changes seen and not yet sent.
+    pending: usize,
+    pushes: u64,
+    pulls: u64,
+    bytes_sent: u64,
+    last_sync_unix: u64,
+    last_error: Option<String>,
 }
 
 /// A create body with its bind sources pointed at synced copies.
@@ -198,6 +211,12 @@ impl Mounts {
                 _ = tokio::time::sleep(UNUSED_CHECK) => {}
             }
             for mount in self.mounts() {
+                if lock(&mount.remote).stale && lock(&mount.last_used).elapsed() >= RECENT_USE {
+                    // Its session ended: nothing to sync with any more.
+                    lock(&self.table).retain(|_, m| !Arc::ptr_eq(m, &mount));
+                    mount.stop.cancel();
+                    continue;
+                }
                 let containers: Vec<String> = lock(&mount.containers).iter().cloned().collect();
                 // A create naming the mount may still be on its way.
                 let recent = containers.is_empty() && lock(&mount.last_used).elapsed() < RECENT_USE;
@@ -354,6 +373,7 @@ impl Mounts {
             containers: Mutex::new(HashSet::new()),
             pinned: AtomicBool::new(false),
             last_used: Mutex::new(Instant::now()),
+            stats: Mutex::new(MountStats::default()),
         });
         self.register(&mount).await?;
         if let Some(old) = lock(&self.table).insert(key, mount.clone()) {
@@ -401,6 +421,35 @@ impl Mounts {
 
     pub fn is_empty(&self) -> bool {
         lock(&self.table).is_empty()
+    }
+
+    /// Each mount's state, for `offload status` (documented in ARCHITECTURE.md).
+    pub fn snapshot(&self) -> Vec<serde_json::Value> {
+        self.mounts()
+            .iter()
+            .map(|mount| {
+                let (files, bytes) = {
+                    let manifest = lock(&mount.manifest);
+                    let files = manifest.values().filter(|e| e.kind == Kind::File).count();
+                    (files, manifest.values().map(|e| e.size).sum::<u64>())
+                };
+                let remote = lock(&mount.remote).clone();
+                let stats = lock(&mount.stats).clone();
+                serde_json::json!({
+                    "source": mount.local_source,
+                    "remote": remote.root,
+                    "files": files,
+                    "bytes": bytes,
+                    "pending": stats.pending,
+                    "containers": lock(&mount.containers).len(),
+                    "pushes": stats.pushes,
+                    "pulls": stats.pulls,
+                    "bytes_sent": stats.bytes_sent,
+                    "last_sync_unix": stats.last_sync_unix,
+                    "last_error": stats.last_error,
+                })
+            })
+            .collect()
     }
 
     /// The local path a remote path of a synced copy stands for.
@@ -536,6 +585,13 @@ async fn push(
         }
     }
     let report: PushReport = serde_json::from_slice(&answer).unwrap_or_default();
+    {
+        let mut stats = lock(&mount.stats);
+        stats.pushes += 1;
+        stats.bytes_sent += report.bytes;
+        stats.last_sync_unix = unix_now();
+        stats.last_error = None;
+    }
     for conflict in &report.conflicts {
         tracing::warn!(
             source = %mount.local_source,
@@ -621,6 +677,12 @@ async fn pull(upstream: &dyn Upstream, mount: &Arc<LocalMount>) -> Result<(), St
     .await
     .map_err(|e| e.to_string())?;
     let (_, conflicts) = applied.map_err(|e| e.to_string())?;
+    {
+        let mut stats = lock(&mount.stats);
+        stats.pulls += 1;
+        stats.last_sync_unix = unix_now();
+        stats.last_error = None;
+    }
     for conflict in conflicts {
         tracing::warn!(
             source = %mount.local_source,
@@ -721,8 +783,12 @@ async fn send_pending(upstream: &dyn Upstream, mount: &LocalMount, tree: &Tree, 
     if changes.is_empty() {
         return;
     }
-    if let Err(error) = push(upstream, mount, changes).await {
+    lock(&mount.stats).pending = changes.upserts.len() + changes.deletions.len();
+    let result = push(upstream, mount, changes).await;
+    lock(&mount.stats).pending = 0;
+    if let Err(error) = result {
         tracing::warn!(source = %mount.local_source, %error, "sync to the remote failed; retrying at the next change");
+        lock(&mount.stats).last_error = Some(error);
     }
 }
 
@@ -732,18 +798,28 @@ async fn receive(upstream: &dyn Upstream, mount: &Arc<LocalMount>) {
     }
     if let Err(error) = pull(upstream, mount).await {
         tracing::warn!(source = %mount.local_source, %error, "bringing the container's changes back failed");
+        lock(&mount.stats).last_error = Some(error);
     }
 }
 
 /// Follows the agent's change notifications for one mount (a background
 /// stream: it is not the user's activity), reconnecting while the mount lives.
+const GONE: &str = "gone";
+
 async fn follow_remote(upstream: Arc<dyn Upstream>, mount: Arc<LocalMount>, changed: watch::Sender<u64>) {
     loop {
         let remote = lock(&mount.remote).clone();
         let path = format!("{SYNC_PATH}/{}/events", remote.mount_id);
         let stream = async {
             let request = sync_request(Method::GET, &path, body::empty(), true)?;
-            let exchange = upstream.send(request).await.map_err(|e| e.user_message())?;
+            let exchange = match upstream.send(request).await {
+                Ok(exchange) => exchange,
+                Err(error) if error.kind == FailureKind::SessionEnded => return Err(GONE.to_string()),
+                Err(error) => return Err(error.user_message()),
+            };
+            if exchange.response.status() == StatusCode::NOT_FOUND {
+                return Err(GONE.to_string());
+            }
             if !exchange.response.status().is_success() {
                 return Err(format!("the agent answered {}", exchange.response.status()));
             }
@@ -756,8 +832,16 @@ async fn follow_remote(upstream: Arc<dyn Upstream>, mount: Arc<LocalMount>, chan
         };
         tokio::select! {
             _ = mount.stop.cancelled() => return,
-            result = stream => if let Err(error) = result {
-                tracing::debug!(%error, source = %mount.local_source, "the remote change stream ended");
+            result = stream => match result {
+                // The session (and with it the copy) is gone: a later create
+                // syncs the mount afresh; until then nothing is followed.
+                Err(error) if error == GONE => {
+                    lock(&mount.remote).stale = true;
+                    tracing::info!(source = %mount.local_source, "the session ended; the mount is no longer synced");
+                    return;
+                }
+                Err(error) => tracing::debug!(%error, source = %mount.local_source, "the remote change stream ended"),
+                Ok(()) => {}
             },
         }
         tokio::select! {
@@ -808,4 +892,8 @@ fn agent_message(answer: &[u8], fallback: &str) -> String {
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| fallback.to_string())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

@@ -116,6 +116,18 @@ impl PortForwards {
         self.wanted.notify_one();
     }
 
+    /// The open forwards, for `offload status`.
+    pub fn snapshot(&self) -> Vec<serde_json::Value> {
+        let mut list: Vec<serde_json::Value> = self
+            .table()
+            .values()
+            .flatten()
+            .map(|f| serde_json::json!({"container": f.container, "port": f.port, "protocol": "tcp"}))
+            .collect();
+        list.sort_by_key(|f| f["port"].as_u64());
+        list
+    }
+
     /// Closes the forwards of a container (by id, id prefix or name), e.g.
     /// after a stop, kill or remove through this proxy.
     pub fn remove(&self, container: &str) {

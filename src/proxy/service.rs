@@ -35,6 +35,9 @@ pub struct ProxyState {
     pub mounts: Option<Arc<Mounts>>,
 }
 
+/// The proxy's own facts (`offload status`); answered here, never forwarded.
+pub const LOCAL_STATUS_PATH: &str = "/_offload/v1/proxy";
+
 /// The largest create body the proxy reads to rewrite its bind mounts.
 const MAX_CREATE_BODY: usize = 16 << 20;
 /// The largest inspect or list answer whose mount paths are mapped back.
@@ -51,6 +54,9 @@ pub async fn handle(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not part of the Docker API; published ports are forwarded by offload itself",
         ));
+    }
+    if request.uri().path() == LOCAL_STATUS_PATH && request.method() == http::Method::GET {
+        return Ok(local_status(&state));
     }
     let route = classify(request.method(), request.uri().path());
     let started = container_started(request.method(), request.uri().path()).map(str::to_string);
@@ -356,4 +362,22 @@ impl tokio::io::AsyncWrite for PullBeforeEof {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// What only the proxy knows: where it forwards, its port forwards and mounts.
+fn local_status(state: &ProxyState) -> Response<Body> {
+    let report = serde_json::json!({
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "upstream": state.upstream.describe(),
+        "forwards_ports": state.ports.is_some(),
+        "forwards": state.ports.as_ref().map(|p| p.snapshot()).unwrap_or_default(),
+        "mounts": state.mounts.as_ref().map(|m| m.snapshot()).unwrap_or_default(),
+    });
+    let json = serde_json::to_vec(&report).unwrap_or_default();
+    let mut response = Response::new(body::full(json));
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
 }

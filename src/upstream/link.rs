@@ -51,6 +51,7 @@ struct Inner {
     described: String,
     link: Mutex<Option<Link>>,
     resume_token: StdMutex<Option<String>>,
+    same_machine: bool,
 }
 
 #[derive(Clone)]
@@ -71,8 +72,18 @@ impl LinkUpstream {
                 described,
                 link: Mutex::new(None),
                 resume_token: StdMutex::new(None),
+                same_machine: false,
             }),
         }
+    }
+
+    /// For an agent on this machine (the embedded default): its engine's
+    /// published ports already answer here, so none are forwarded.
+    pub fn on_this_machine(mut self) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.same_machine = true;
+        }
+        self
     }
 
     /// The current session, opening the link if needed.
@@ -85,7 +96,8 @@ impl Upstream for LinkUpstream {
     fn send(&self, request: Request<Body>) -> BoxFuture<Result<Exchange, UpstreamError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let link = inner.link().await?;
+            let background = request.headers().contains_key(protocol::BACKGROUND);
+            let link = inner.link_for(background).await?;
             if classify(request.method(), request.uri().path()) == Route::Ping {
                 return Ok(cached_ping(&link.session, request.method()));
             }
@@ -101,6 +113,10 @@ impl Upstream for LinkUpstream {
     }
 
     fn forwards_ports(&self) -> bool {
+        !self.inner.same_machine
+    }
+
+    fn syncs_mounts(&self) -> bool {
         true
     }
 
@@ -130,6 +146,9 @@ impl Upstream for LinkUpstream {
     }
 }
 
+/// The handshake's answer to a resume-only reconnect whose session is gone.
+const SESSION_GONE: &str = "session gone";
+
 impl Inner {
     fn failure(&self, kind: FailureKind, reason: String) -> UpstreamError {
         UpstreamError { kind, what: "the offload agent", target: self.described.clone(), reason }
@@ -137,6 +156,12 @@ impl Inner {
 
     /// The live link, or a new one (single-flight: concurrent callers wait).
     async fn link(&self) -> Result<Link, UpstreamError> {
+        self.link_for(false).await
+    }
+
+    /// The same; for the proxy's own background streams a new link may only
+    /// resume the session, never start one.
+    async fn link_for(&self, background: bool) -> Result<Link, UpstreamError> {
         let mut current = self.link.lock().await;
         if let Some(link) = current.as_ref() {
             if !link.sender.is_closed() {
@@ -144,12 +169,12 @@ impl Inner {
             }
             tracing::warn!(remote = %self.described, "the link to the agent was lost; reconnecting");
         }
-        let link = self.open().await?;
+        let link = self.open(background).await?;
         *current = Some(link.clone());
         Ok(link)
     }
 
-    async fn open(&self) -> Result<Link, UpstreamError> {
+    async fn open(&self, resume_only: bool) -> Result<Link, UpstreamError> {
         let unreachable = |reason: String| self.failure(FailureKind::Unreachable, reason);
         let dialed = self.dialer.dial().await.map_err(|e| unreachable(explain(&e)))?;
         let ssh = dialed.ssh.map(Arc::new);
@@ -183,8 +208,11 @@ impl Inner {
             }
             let _ = ended_tx.send(result);
         });
-        let session = match self.handshake(sender.clone()).await {
+        let session = match self.handshake(sender.clone(), resume_only).await {
             Ok(session) => session,
+            Err(reason) if reason == SESSION_GONE => {
+                return Err(self.failure(FailureKind::SessionEnded, "the session has ended".into()))
+            }
             Err(reason) => {
                 let cause = tokio::time::timeout(Duration::from_secs(1), ended_rx).await;
                 let reason = match cause {
@@ -219,9 +247,14 @@ impl Inner {
         Ok(Link { sender, session: Arc::new(session), _ssh: ssh })
     }
 
-    async fn handshake(&self, mut sender: SendRequest<Body>) -> Result<SessionInfo, String> {
+    async fn handshake(
+        &self,
+        mut sender: SendRequest<Body>,
+        resume_only: bool,
+    ) -> Result<SessionInfo, String> {
         let resume_token = self.resume_token.lock().ok().and_then(|t| t.clone());
-        let payload = serde_json::to_vec(&SessionRequest { resume_token }).map_err(|e| e.to_string())?;
+        let payload =
+            serde_json::to_vec(&SessionRequest { resume_token, resume_only }).map_err(|e| e.to_string())?;
         let request = Request::post(link_uri(protocol::SESSION_PATH))
             .header(header::CONTENT_TYPE, "application/json")
             .header(HeaderName::from_static(protocol::BACKGROUND), "1")
@@ -237,6 +270,9 @@ impl Inner {
             .await
             .map_err(|e| format!("the session handshake failed: {e}"))?
             .to_bytes();
+        if status == StatusCode::GONE && resume_only {
+            return Err(SESSION_GONE.to_string());
+        }
         if !status.is_success() {
             return Err(format!(
                 "the agent refused the session ({status}): {}",

@@ -42,6 +42,9 @@ pub enum FailureKind {
     Unreachable,
     /// The connection failed while the request was in flight.
     Broken,
+    /// The session ended and the request was the proxy's own (background):
+    /// no new session was started for it.
+    SessionEnded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,9 @@ impl UpstreamError {
                 "the connection to {} at {} failed during the request: {}",
                 self.what, self.target, self.reason
             ),
+            FailureKind::SessionEnded => {
+                format!("the session with {} at {} has ended", self.what, self.target)
+            }
         }
     }
 }
@@ -83,6 +89,13 @@ pub trait Upstream: Send + Sync + 'static {
     /// serves its ports here).
     fn forwards_ports(&self) -> bool {
         false
+    }
+
+    /// Whether bind mounts name files of another machine and need syncing
+    /// (true for any agent link, even one on this machine: the pipeline is
+    /// the same).
+    fn syncs_mounts(&self) -> bool {
+        self.forwards_ports()
     }
 
     /// The session the link to the agent has open (opening the link if

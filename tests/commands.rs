@@ -1,0 +1,177 @@
+//! `offload start`, `status` and `stop` as a user runs them: the real binary,
+//! the real docker CLI with the context `start` made. Each test has its own
+//! runtime directory and docker config, so contexts stay private to it.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const IMAGE: &str = "offload-test/busybox:latest";
+
+struct User {
+    home: tempfile::TempDir,
+}
+
+impl User {
+    fn new() -> User {
+        let user = User { home: tempfile::tempdir().expect("tmp") };
+        std::fs::create_dir_all(user.runtime_dir()).expect("runtime dir");
+        user
+    }
+
+    fn runtime_dir(&self) -> std::path::PathBuf {
+        self.home.path().join("run")
+    }
+
+    fn env(&self, command: &mut Command) {
+        command
+            .env("XDG_RUNTIME_DIR", self.runtime_dir())
+            .env("DOCKER_CONFIG", self.home.path().join("docker-config"))
+            .env("OFFLOAD_DOCKER_CLI", DOCKER_28)
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKER_CONTEXT");
+    }
+
+    fn offload(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_offload"));
+        self.env(&mut command);
+        command.args(args);
+        run(command, None, LIMIT)
+    }
+
+    /// The docker CLI as this user: whatever context is current.
+    fn docker(&self, args: &[&str]) -> String {
+        let mut command = Command::new(DOCKER_28);
+        self.env(&mut command);
+        command.args(args);
+        ok(run(command, None, LIMIT)).trim_end().to_string()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let text = ok(self.offload(&["status", "--format", "json"]));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        // Whatever happened, no proxy outlives the test.
+        let _ = self.offload(&["stop", "--force"]);
+    }
+}
+
+fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+#[test]
+fn embedded_start_runs_the_whole_pipeline_and_stop_restores_everything() {
+    ensure_images();
+    let user = User::new();
+    assert_eq!(user.docker(&["context", "show"]), "default");
+    let started = ok(user.offload(&["start"]));
+    assert!(started.contains("remote embedded"), "{started}");
+    assert!(started.contains("engine ") && started.contains("linux/"), "{started}");
+    assert!(started.contains("default -> offload"), "{started}");
+    assert_eq!(user.docker(&["context", "show"]), "offload");
+
+    // A bind mount through the embedded agent's sync, written back.
+    let work = tempfile::tempdir().expect("tmp");
+    let spec = format!("{}:/w", work.path().display());
+    user.docker(&["run", "--rm", "-v", &spec, IMAGE, "sh", "-c", "echo done > /w/out"]);
+    assert_eq!(std::fs::read_to_string(work.path().join("out")).unwrap_or_default(), "done\n");
+
+    // A published port: the engine's own binding answers on this machine.
+    let mut cleanup = Cleanup::default();
+    let name = cleanup.container(&unique("web"));
+    let script = "echo hello > /srv/index.html; httpd -f -p 80 -h /srv";
+    user.docker(&["run", "-d", "--name", &name, "-p", "127.0.0.1::80", IMAGE, "sh", "-c", script]);
+    let port = user.docker(&["port", &name, "80/tcp"]);
+    let port = port.rsplit(':').next().unwrap_or_default().to_string();
+    let fetched = eventually(Duration::from_secs(10), || {
+        let mut command = Command::new("timeout");
+        command.args(["5", "busybox", "wget", "-q", "-O", "-", &format!("http://127.0.0.1:{port}/")]);
+        run(command, None, LIMIT).stdout == b"hello\n"
+    });
+    assert!(fetched, "no answer on port {port}");
+
+    let status = user.status();
+    assert_eq!(status["running"], true);
+    assert_eq!(status["remote"], "embedded");
+    assert_eq!(status["link"]["state"], "up", "{status}");
+    assert!(status["link"]["round_trip_ms"].as_f64().is_some(), "{status}");
+    assert!(!status["session"]["session_id"].as_str().unwrap_or("").is_empty(), "{status}");
+    let containers = status["session"]["resources"]["containers"].as_array().map(Vec::len);
+    assert_eq!(containers, Some(1), "the session's one container: {status}");
+    assert!(status["forwards"].as_array().is_some_and(|f| f.is_empty()), "embedded: no forwards");
+    let mounts = status["mounts"].as_array().cloned().unwrap_or_default();
+    assert!(
+        mounts.iter().any(|m| m["source"] == work.path().display().to_string() && m["files"] == 1),
+        "{status}"
+    );
+    let pretty = ok(user.offload(&["status"]));
+    assert!(pretty.contains("link: up") && pretty.contains("running containers"), "{pretty}");
+
+    let stopped = ok(user.offload(&["stop"]));
+    assert!(stopped.contains("offload stopped"), "{stopped}");
+    assert!(stopped.contains("removed 1 containers"), "the session's cleanup: {stopped}");
+    assert!(stopped.contains("offload -> default"), "{stopped}");
+    assert_eq!(user.docker(&["context", "show"]), "default");
+    assert_eq!(user.status()["running"], false);
+    assert!(!user.runtime_dir().join("offload/offload.sock").exists());
+    let mut command = engine();
+    command.args(["inspect", &name]);
+    assert!(!run(command, None, LIMIT).status.success(), "the session's container was removed");
+}
+
+#[test]
+fn start_names_the_step_that_failed_and_leaves_nothing_running() {
+    let user = User::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let nowhere = format!("unix://{}", dir.path().join("no-agent.sock").display());
+    let output = user.offload(&["start", "--remote", &nowhere, "--insecure", "--timeout", "3s"]);
+    assert!(!output.status.success());
+    let said = text(&output);
+    assert!(said.contains("reaching the remote engine") && said.contains("no-agent.sock"), "{said}");
+    assert_eq!(user.status()["running"], false);
+    assert_eq!(user.docker(&["context", "show"]), "default", "the context is untouched");
+    assert!(!Path::new(&user.runtime_dir().join("offload/offload.sock")).exists());
+}
+
+#[test]
+fn status_and_stop_when_nothing_runs() {
+    let user = User::new();
+    assert_eq!(user.status(), serde_json::json!({"running": false}));
+    let said = ok(user.offload(&["stop"]));
+    assert!(said.contains("not running"), "{said}");
+}
+
+#[test]
+fn the_docker_cli_plugin_runs_the_commands() {
+    ensure_images();
+    let user = User::new();
+    let installed = ok(user.offload(&["install-plugin"]));
+    assert!(installed.contains("docker-offload"), "{installed}");
+    let plugin = user.home.path().join("docker-config/cli-plugins/docker-offload");
+    assert!(plugin.exists(), "{installed}");
+    // The docker CLI lists it (it asked docker-cli-plugin-metadata).
+    let help = user.docker(&["--help"]);
+    assert!(help.contains("offload*") || help.contains("offload "), "{help}");
+    let status = user.docker(&["offload", "status", "--format", "json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&status).ok(),
+        Some(serde_json::json!({"running": false}))
+    );
+    let started = user.docker(&["offload", "start"]);
+    assert!(started.contains("remote embedded"), "{started}");
+    assert_eq!(user.docker(&["context", "show"]), "offload");
+    assert_eq!(user.docker(&["run", "--rm", IMAGE, "echo", "via the plugin"]), "via the plugin");
+    let stopped = user.docker(&["offload", "stop"]);
+    assert!(stopped.contains("offload stopped"), "{stopped}");
+    assert_eq!(user.docker(&["context", "show"]), "default");
+}
