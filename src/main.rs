@@ -49,6 +49,23 @@ enum Command {
     Status(StatusArgs),
     /// Install `docker offload ...` as a docker CLI plugin (~/.docker/cli-plugins).
     InstallPlugin,
+    /// Check each step to the remote engine, say what failed and what to do, write a bundle.
+    Diagnose(DiagnoseArgs),
+}
+
+#[derive(clap::Args)]
+struct DiagnoseArgs {
+    /// The remote to check (default: the running offload's)
+    #[arg(long)]
+    remote: Option<String>,
+    /// An argument for ssh, before the host (repeatable)
+    #[arg(long = "ssh-arg", allow_hyphen_values = true)]
+    ssh_args: Vec<String>,
+    /// The command ssh runs on the remote host
+    #[arg(long, default_value = "offload agent --stdio")]
+    remote_command: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -282,6 +299,7 @@ fn main() -> ExitCode {
         Command::Start(args) => runtime.block_on(start(args)),
         Command::Stop(args) => runtime.block_on(stop(args)),
         Command::Status(args) => runtime.block_on(status(args)),
+        Command::Diagnose(args) => runtime.block_on(diagnose(args)),
         Command::InstallPlugin => offload::control::plugin::install().map(|path| {
             say(&format!("installed {}: `docker offload start|stop|status` now work", path.display()));
         }),
@@ -376,6 +394,21 @@ async fn status(args: StatusArgs) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+async fn diagnose(args: DiagnoseArgs) -> Result<(), String> {
+    let options = offload::control::diagnose::DiagnoseOptions {
+        remote: args.remote,
+        tls: args.tls.files(),
+        ssh: SshOptions { args: args.ssh_args, remote_command: args.remote_command },
+    };
+    let paths = offload::control::paths::Paths::resolve();
+    let report = offload::control::diagnose::diagnose(&paths, options).await;
+    say(&report.pretty());
+    if report.failed() {
+        return Err("a check failed (see above)".to_string());
+    }
+    Ok(())
 }
 
 /// Prints a line; a closed stdout (`offload status | head`) is not an error.

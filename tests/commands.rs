@@ -175,3 +175,89 @@ fn the_docker_cli_plugin_runs_the_commands() {
     assert!(stopped.contains("offload stopped"), "{stopped}");
     assert_eq!(user.docker(&["context", "show"]), "default");
 }
+
+fn diagnose(user: &User, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["diagnose"];
+    all.extend_from_slice(args);
+    let output = user.offload(&all);
+    (output.status.success(), text(&output))
+}
+
+/// A TLS agent on loopback with its own CA, and that CA's directory.
+fn tls_agent(dir: &Path) -> (AgentProcess, String, std::path::PathBuf) {
+    let certs = dir.join("certs");
+    make_certs(&certs);
+    let file = |name: &str| certs.join(name).display().to_string();
+    let state = dir.join("state").display().to_string();
+    let args = [
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--state-dir",
+        &state,
+        "--tlscacert",
+        &file("ca.pem"),
+        "--tlscert",
+        &file("server-cert.pem"),
+        "--tlskey",
+        &file("server-key.pem"),
+    ]
+    .map(String::from);
+    let (agent, url) = AgentProcess::start(dir, &args);
+    (agent, url, certs)
+}
+
+#[test]
+fn diagnose_passes_a_good_remote_and_pinpoints_broken_ones() {
+    ensure_images();
+    let user = User::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_agent, url, certs) = tls_agent(dir.path());
+    let flags = |certs: &Path| {
+        ["ca.pem", "cert.pem", "key.pem"]
+            .iter()
+            .zip(["--tlscacert", "--tlscert", "--tlskey"])
+            .flat_map(|(name, flag)| [flag.to_string(), certs.join(name).display().to_string()])
+            .collect::<Vec<String>>()
+    };
+    let good = flags(&certs);
+    let mut args = vec!["--remote", url.as_str()];
+    args.extend(good.iter().map(String::as_str));
+    let (success, said) = diagnose(&user, &args);
+    assert!(success, "{said}");
+    for step in ["agent port", "CA certificate", "agent", "engine", "API version", "round trip", "throughput"]
+    {
+        assert!(said.contains(&format!("ok   {step}:")), "{step}: {said}");
+    }
+    assert!(said.contains("bundle written to"), "{said}");
+    let bundle =
+        said.lines().find_map(|l| l.strip_prefix("bundle written to ")).and_then(|l| l.split(" (").next());
+    let bundle_text = std::fs::read_to_string(bundle.unwrap_or_default()).unwrap_or_default();
+    assert!(
+        bundle_text.contains("offload ") && bundle_text.contains("contents not included"),
+        "{bundle_text}"
+    );
+    assert!(!bundle_text.contains("PRIVATE KEY"), "no secrets in the bundle");
+
+    // Wrong port: the agent port step fails and says what to check.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let wrong_port = format!("tls://127.0.0.1:{}", closed.local_addr().expect("addr").port());
+    drop(closed);
+    let mut args = vec!["--remote", wrong_port.as_str()];
+    args.extend(good.iter().map(String::as_str));
+    let (success, said) = diagnose(&user, &args);
+    assert!(!success && said.contains("FAIL agent port"), "{said}");
+
+    // Wrong certificate: another CA's files; the link step names the cause.
+    let other = dir.path().join("other-certs");
+    make_certs(&other);
+    let wrong = flags(&other);
+    let mut args = vec!["--remote", url.as_str()];
+    args.extend(wrong.iter().map(String::as_str));
+    let (success, said) = diagnose(&user, &args);
+    assert!(!success && said.contains("ok   agent port") && said.contains("FAIL link"), "{said}");
+    assert!(said.to_lowercase().contains("certificate"), "{said}");
+
+    // ssh refused.
+    let (success, said) = diagnose(&user, &["--remote", &wrong_port.replace("tls://", "ssh://")]);
+    assert!(!success && said.contains("FAIL ssh") && said.contains("refused"), "{said}");
+}

@@ -75,6 +75,8 @@ pub async fn handle(
         json_response(serde_json::to_vec(&removed).unwrap_or_default())
     } else if path == protocol::STATUS_PATH && request.method() == Method::GET {
         status(&state, &session).await
+    } else if path == protocol::PROBE_PATH && request.method() == Method::POST {
+        probe(request).await
     } else if path.starts_with(SYNC_PREFIX) {
         // Sync requests are the user's activity (their files changed); the
         // events stream is marked background by the proxy.
@@ -181,6 +183,19 @@ async fn status(state: &AgentState, session: &Session) -> Response<Body> {
         "gpu": gpu,
     });
     json_response(serde_json::to_vec(&report).unwrap_or_default())
+}
+
+/// Reads and discards a body, for a throughput measurement.
+async fn probe(request: Request<Incoming>) -> Response<Body> {
+    let mut incoming = request.into_body();
+    let mut bytes: u64 = 0;
+    while let Some(frame) = incoming.frame().await {
+        match frame {
+            Ok(frame) => bytes += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Err(error) => return error_response(StatusCode::BAD_REQUEST, &format!("probe body: {error}")),
+        }
+    }
+    json_response(serde_json::to_vec(&serde_json::json!({ "bytes": bytes })).unwrap_or_default())
 }
 
 fn json_response(json: Vec<u8>) -> Response<Body> {

@@ -2,8 +2,10 @@
 //! proxy in the background (with an embedded agent when no remote is named),
 //! talk to it over its socket, and switch the docker context.
 
+pub mod cert_dates;
 pub mod client;
 pub mod context;
+pub mod diagnose;
 pub mod embedded;
 pub mod paths;
 pub mod plugin;

@@ -20,6 +20,9 @@ pub const SESSION_PATH: &str = "/_offload/v1/session";
 /// `GET`: the session's facts (activity, idle deadline, resources).
 pub const STATUS_PATH: &str = "/_offload/v1/status";
 pub const PREFIX: &str = "/_offload/";
+/// `POST`: the agent reads and discards the body and answers `{"bytes": N}`
+/// (`offload diagnose`'s throughput probe).
+pub const PROBE_PATH: &str = "/_offload/v1/probe";
 
 /// The client's `Upgrade` value (`tcp`, `h2c`), on an upgraded request.
 pub const UPGRADE: &str = "x-offload-upgrade";
