@@ -76,9 +76,9 @@ struct StartArgs {
     /// Require the remote to have an NVIDIA GPU
     #[arg(long)]
     gpu: bool,
-    /// End the session after this long without activity (embedded agent)
-    #[arg(long, default_value = "30m", value_parser = parse_duration)]
-    idle_timeout: Duration,
+    /// End the session after this long without activity (embedded agent; default 30m)
+    #[arg(long)]
+    idle_timeout: Option<String>,
     /// How long to wait for the remote to answer
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
@@ -96,7 +96,7 @@ struct StartArgs {
     remote_command: Option<String>,
     /// Where published ports listen on this machine when `-p` names no address
     #[arg(long)]
-    publish_address: Option<std::net::IpAddr>,
+    publish_address: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -217,6 +217,9 @@ struct ProxyArgs {
     /// The command ssh runs on the remote host
     #[arg(long, default_value = "offload agent --stdio")]
     remote_command: String,
+    /// A sync ignore rule for every bind mount, gitignore syntax (repeatable)
+    #[arg(long)]
+    ignore: Vec<String>,
     /// Run an agent inside this process against --docker (the embedded default of `offload start`)
     #[arg(long, conflicts_with = "remote")]
     embedded: bool,
@@ -325,31 +328,48 @@ fn certs_init(args: CertsInitArgs) -> Result<(), String> {
 }
 
 async fn start(args: StartArgs) -> Result<(), String> {
+    use offload::control::config::{load, pick};
+    // A flag, else OFFLOAD_*, else ~/.config/offload/config.toml.
+    let file = load()?;
+    let shown = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let remote = pick(args.remote, "OFFLOAD_REMOTE", file.remote.clone());
+    let idle_timeout = pick(args.idle_timeout, "OFFLOAD_IDLE_TIMEOUT", file.idle_timeout.clone());
+    let idle_timeout = parse_duration(idle_timeout.as_deref().unwrap_or("30m"))?;
+    let publish_address = pick(args.publish_address, "OFFLOAD_PUBLISH_ADDRESS", file.publish_address.clone());
+    if let Some(address) = &publish_address {
+        address
+            .parse::<std::net::IpAddr>()
+            .map_err(|_| format!("publish address {address:?} is not an IP address"))?;
+    }
     let mut proxy_args: Vec<std::ffi::OsString> = Vec::new();
     let mut flag = |name: &str, value: Option<String>| {
         if let Some(value) = value {
             proxy_args.push(format!("--{name}={value}").into());
         }
     };
-    flag("tlscacert", args.tls.tlscacert.as_ref().map(|p| p.display().to_string()));
-    flag("tlscert", args.tls.tlscert.as_ref().map(|p| p.display().to_string()));
-    flag("tlskey", args.tls.tlskey.as_ref().map(|p| p.display().to_string()));
-    flag("remote-command", args.remote_command.clone());
-    flag("publish-address", args.publish_address.map(|a| a.to_string()));
-    if args.remote.is_none() {
-        flag("idle-timeout", Some(format!("{}ms", args.idle_timeout.as_millis())));
+    flag("tlscacert", pick(shown(&args.tls.tlscacert), "OFFLOAD_TLSCACERT", shown(&file.tlscacert)));
+    flag("tlscert", pick(shown(&args.tls.tlscert), "OFFLOAD_TLSCERT", shown(&file.tlscert)));
+    flag("tlskey", pick(shown(&args.tls.tlskey), "OFFLOAD_TLSKEY", shown(&file.tlskey)));
+    flag("remote-command", pick(args.remote_command, "OFFLOAD_REMOTE_COMMAND", file.remote_command.clone()));
+    flag("publish-address", publish_address);
+    if remote.is_none() {
+        flag("idle-timeout", Some(format!("{}ms", idle_timeout.as_millis())));
     }
-    for arg in &args.ssh_args {
+    let ssh_args = if args.ssh_args.is_empty() { file.ssh_args.clone() } else { args.ssh_args };
+    for arg in &ssh_args {
         proxy_args.push(format!("--ssh-arg={arg}").into());
+    }
+    for rule in &file.ignore {
+        proxy_args.push(format!("--ignore={rule}").into());
     }
     if args.insecure {
         proxy_args.push("--insecure".into());
     }
-    if let Some(remote) = &args.remote {
+    if let Some(remote) = &remote {
         check_plain(&RemoteAddress::parse(remote)?, args.insecure)?;
     }
     let options = offload::control::start::StartOptions {
-        remote: args.remote,
+        remote,
         proxy_args,
         require_gpu: args.gpu,
         timeout: args.timeout,
@@ -397,10 +417,22 @@ async fn status(args: StatusArgs) -> Result<(), String> {
 }
 
 async fn diagnose(args: DiagnoseArgs) -> Result<(), String> {
+    use offload::control::config::{load, pick};
+    let file = load()?;
+    let or_file = |flag: &Option<PathBuf>, variable: &str, file: &Option<PathBuf>| {
+        let shown = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        pick(shown(flag), variable, shown(file)).map(PathBuf::from)
+    };
+    let tls = TlsFiles {
+        ca: or_file(&args.tls.tlscacert, "OFFLOAD_TLSCACERT", &file.tlscacert),
+        cert: or_file(&args.tls.tlscert, "OFFLOAD_TLSCERT", &file.tlscert),
+        key: or_file(&args.tls.tlskey, "OFFLOAD_TLSKEY", &file.tlskey),
+    };
+    let ssh_args = if args.ssh_args.is_empty() { file.ssh_args.clone() } else { args.ssh_args };
     let options = offload::control::diagnose::DiagnoseOptions {
-        remote: args.remote,
-        tls: args.tls.files(),
-        ssh: SshOptions { args: args.ssh_args, remote_command: args.remote_command },
+        remote: pick(args.remote, "OFFLOAD_REMOTE", file.remote.clone()),
+        tls,
+        ssh: SshOptions { args: ssh_args, remote_command: args.remote_command },
     };
     let paths = offload::control::paths::Paths::resolve();
     let report = offload::control::diagnose::diagnose(&paths, options).await;
@@ -450,6 +482,7 @@ async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         listen: args.listen,
         shutdown_grace: args.shutdown_grace,
         publish_address: args.publish_address,
+        ignore: args.ignore,
     };
     proxy::serve(config, upstream).await.map_err(|e| e.to_string())
 }

@@ -32,6 +32,10 @@ impl User {
         command
             .env("XDG_RUNTIME_DIR", self.runtime_dir())
             .env("DOCKER_CONFIG", self.home.path().join("docker-config"))
+            .env("XDG_CONFIG_HOME", self.home.path().join("config"))
+            .env_remove("OFFLOAD_CONFIG")
+            .env_remove("OFFLOAD_REMOTE")
+            .env_remove("OFFLOAD_IDLE_TIMEOUT")
             .env("OFFLOAD_DOCKER_CLI", DOCKER_28)
             .env_remove("DOCKER_HOST")
             .env_remove("DOCKER_CONTEXT");
@@ -260,4 +264,41 @@ fn diagnose_passes_a_good_remote_and_pinpoints_broken_ones() {
     // ssh refused.
     let (success, said) = diagnose(&user, &["--remote", &wrong_port.replace("tls://", "ssh://")]);
     assert!(!success && said.contains("FAIL ssh") && said.contains("refused"), "{said}");
+}
+
+#[test]
+fn the_config_file_sets_defaults_that_the_environment_and_flags_override() {
+    ensure_images();
+    let user = User::new();
+    let config = user.home.path().join("config/offload");
+    std::fs::create_dir_all(&config).expect("mkdir");
+    std::fs::write(config.join("config.toml"), "idle_timeout = \"7m\"\nignore = [\"*.log\"]\n")
+        .expect("write");
+    ok(user.offload(&["start", "--no-context"]));
+    assert_eq!(user.status()["session"]["idle_timeout_seconds"], 420.0, "from the file");
+    // The file's ignore rules apply to every mount.
+    let work = tempfile::tempdir().expect("tmp");
+    std::fs::write(work.path().join("debug.log"), "x").expect("write");
+    std::fs::write(work.path().join("keep.txt"), "x").expect("write");
+    let socket = user.runtime_dir().join("offload/offload.sock");
+    let mut command = Command::new(DOCKER_28);
+    user.env(&mut command);
+    command.env("DOCKER_HOST", format!("unix://{}", socket.display()));
+    command.args(["run", "--rm", "-v", &format!("{}:/w", work.path().display()), IMAGE, "ls", "/w"]);
+    assert_eq!(ok(run(command, None, LIMIT)).trim(), "keep.txt");
+    ok(user.offload(&["stop", "--no-context"]));
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_offload"));
+    user.env(&mut command);
+    command.env("OFFLOAD_IDLE_TIMEOUT", "9m").args(["start", "--no-context"]);
+    ok(run(command, None, LIMIT));
+    assert_eq!(user.status()["session"]["idle_timeout_seconds"], 540.0, "the environment wins over the file");
+    ok(user.offload(&["stop", "--no-context"]));
+    ok(user.offload(&["start", "--no-context", "--idle-timeout", "11m"]));
+    assert_eq!(user.status()["session"]["idle_timeout_seconds"], 660.0, "a flag wins");
+    ok(user.offload(&["stop", "--no-context"]));
+
+    std::fs::write(config.join("config.toml"), "idel_timeout = \"7m\"\n").expect("write");
+    let said = text(&user.offload(&["start", "--no-context"]));
+    assert!(said.contains("config.toml") && said.contains("idel_timeout"), "a typo is named: {said}");
 }

@@ -180,7 +180,7 @@ impl AgentSync {
                 &format!("the agent cannot create {}: {error}", root.display()),
             );
         }
-        let tree = Tree::new(root.clone(), asked.only.clone());
+        let tree = Tree::with_rules(root.clone(), asked.only.clone(), asked.ignore.clone());
         let manifest = match tree.scan() {
             Ok(manifest) => manifest,
             Err(error) => {
@@ -506,10 +506,11 @@ mod tests {
 
     #[test]
     fn mount_ids_are_stable_and_readable() {
-        let asked = MountRequest { local_path: "/home/u/my app".into(), only: None };
+        let asked = MountRequest { local_path: "/home/u/my app".into(), only: None, ignore: Vec::new() };
         assert_eq!(mount_id(&asked), mount_id(&asked.clone()));
         assert!(mount_id(&asked).starts_with("myapp-"), "{}", mount_id(&asked));
-        let file = MountRequest { local_path: "/home/u/my app".into(), only: Some("x".into()) };
+        let file =
+            MountRequest { local_path: "/home/u/my app".into(), only: Some("x".into()), ignore: Vec::new() };
         assert_ne!(mount_id(&asked), mount_id(&file));
     }
 

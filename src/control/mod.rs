@@ -4,6 +4,7 @@
 
 pub mod cert_dates;
 pub mod client;
+pub mod config;
 pub mod context;
 pub mod diagnose;
 pub mod embedded;

@@ -39,6 +39,8 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Where published ports listen locally when the user named no address.
     pub publish_address: std::net::IpAddr,
+    /// Sync ignore rules for every bind mount (gitignore lines).
+    pub ignore: Vec<String>,
 }
 
 /// Binds the socket, serves until SIGINT/SIGTERM, then drains and removes it.
@@ -80,9 +82,9 @@ pub async fn run(
     let ports = upstream
         .forwards_ports()
         .then(|| ports::PortForwards::new(upstream.clone(), lifecycle.clone(), config.publish_address));
-    let mounts = upstream
-        .syncs_mounts()
-        .then(|| mounts::Mounts::new(upstream.clone(), lifecycle.clone(), config.listen.clone()));
+    let mounts = upstream.syncs_mounts().then(|| {
+        mounts::Mounts::new(upstream.clone(), lifecycle.clone(), config.listen.clone(), config.ignore.clone())
+    });
     let state = Arc::new(ProxyState { upstream, lifecycle: lifecycle.clone(), ports, mounts });
     let mut next_id: u64 = 0;
     loop {

@@ -65,6 +65,8 @@ pub struct Mounts {
     /// By local source (root directory, single file name).
     table: Mutex<HashMap<MountKey, Arc<LocalMount>>>,
     check_now: Notify,
+    /// Ignore rules for every mount (`--ignore`, the config file's `ignore`).
+    ignore: Vec<String>,
 }
 
 struct LocalMount {
@@ -130,11 +132,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Mounts {
-    pub fn new(upstream: Arc<dyn Upstream>, lifecycle: Lifecycle, own_socket: PathBuf) -> Arc<Self> {
+    pub fn new(
+        upstream: Arc<dyn Upstream>,
+        lifecycle: Lifecycle,
+        own_socket: PathBuf,
+        ignore: Vec<String>,
+    ) -> Arc<Self> {
         let mounts = Arc::new(Self {
             upstream,
             lifecycle: lifecycle.clone(),
             own_socket,
+            ignore,
             table: Mutex::new(HashMap::new()),
             check_now: Notify::new(),
         });
@@ -357,7 +365,7 @@ impl Mounts {
                 return Ok(mount);
             }
         }
-        let tree = Tree::new(root, only);
+        let tree = Tree::with_rules(root, only, self.ignore.clone());
         // Watch first: an edit during the initial sync is then not lost.
         let watcher = TreeWatcher::new(&tree).map_err(|e| {
             mount_error(StatusCode::INTERNAL_SERVER_ERROR, format!("offload cannot watch {named}: {e}"))
@@ -494,8 +502,11 @@ impl LocalMount {
 async fn register(upstream: &dyn Upstream, mount: &LocalMount) -> Result<(), MountError> {
     let started = Instant::now();
     let tree = lock(&mount.tree).clone();
-    let asked =
-        MountRequest { local_path: tree.root.to_string_lossy().into_owned(), only: tree.only.clone() };
+    let asked = MountRequest {
+        local_path: tree.root.to_string_lossy().into_owned(),
+        only: tree.only.clone(),
+        ignore: tree.extra_rules.clone(),
+    };
     let json = serde_json::to_vec(&asked)
         .map_err(|e| mount_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let (status, answer) = call(upstream, Method::POST, SYNC_PATH, body::full(json), false)

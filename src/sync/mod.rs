@@ -26,6 +26,9 @@ pub struct MountRequest {
     /// For a single-file bind: the file's name; the mount is its directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub only: Option<String>,
+    /// Ignore rules for every mount (gitignore lines), besides `.offloadignore`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore: Vec<String>,
 }
 
 /// The agent's answer: where the copy lives and what it holds now.

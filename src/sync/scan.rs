@@ -20,11 +20,17 @@ pub struct Tree {
     /// For a single-file bind: the one name under `root` that is synced.
     pub only: Option<String>,
     pub ignore: IgnoreRules,
+    /// Rules every mount has (the config file's `ignore`), before `.offloadignore`'s.
+    pub extra_rules: Vec<String>,
 }
 
 impl Tree {
     pub fn new(root: PathBuf, only: Option<String>) -> Self {
-        let mut tree = Self { root, only, ignore: IgnoreRules::default() };
+        Self::with_rules(root, only, Vec::new())
+    }
+
+    pub fn with_rules(root: PathBuf, only: Option<String>, extra_rules: Vec<String>) -> Self {
+        let mut tree = Self { root, only, ignore: IgnoreRules::default(), extra_rules };
         tree.reload_ignore();
         tree
     }
@@ -33,9 +39,10 @@ impl Tree {
     pub fn reload_ignore(&mut self) {
         self.ignore = match self.only {
             Some(_) => IgnoreRules::default(),
-            None => std::fs::read_to_string(self.root.join(IGNORE_FILE))
-                .map(|text| IgnoreRules::parse(&text))
-                .unwrap_or_default(),
+            None => {
+                let file = std::fs::read_to_string(self.root.join(IGNORE_FILE)).unwrap_or_default();
+                IgnoreRules::parse(&format!("{}\n{file}", self.extra_rules.join("\n")))
+            }
         };
     }
 
