@@ -164,7 +164,7 @@ impl Config {
             rtt: Duration::from_millis(env_or("OFFLOAD_SYNC_BENCH_RTT_MS", 20)?),
             files: env_or("OFFLOAD_SYNC_BENCH_FILES", 10_000)?,
             mib: env_or("OFFLOAD_SYNC_BENCH_MIB", 40)?,
-            seed: env_or("OFFLOAD_SYNC_BENCH_SEED", 0x5eed_0f_f10ad)?,
+            seed: env_or("OFFLOAD_SYNC_BENCH_SEED", 0x05ee_d0ff_10ad)?,
             rounds: env_or("OFFLOAD_SYNC_BENCH_ROUNDS", 5)?,
             warmup_rounds: env_or("OFFLOAD_SYNC_BENCH_WARMUP_ROUNDS", 1)?,
             resync_rounds: env_or("OFFLOAD_SYNC_BENCH_RESYNC_ROUNDS", 6)?,

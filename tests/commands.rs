@@ -90,6 +90,10 @@ fn embedded_start_runs_the_whole_pipeline_and_stop_restores_everything() {
     user.docker(&["run", "--rm", "-v", &spec, IMAGE, "sh", "-c", "echo done > /w/out"]);
     assert_eq!(std::fs::read_to_string(work.path().join("out")).unwrap_or_default(), "done\n");
 
+    // --platform passes through (this engine's own platform here).
+    let platform = user.docker(&["run", "--rm", "--platform", "linux/amd64", IMAGE, "uname", "-m"]);
+    assert_eq!(platform, "x86_64");
+
     // A published port: the engine's own binding answers on this machine.
     let mut cleanup = Cleanup::default();
     let name = cleanup.container(&unique("web"));

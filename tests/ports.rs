@@ -70,10 +70,11 @@ fn a_published_port_answers_as_soon_as_run_returns() {
                 refused += 1;
             }
         }
-        assert!(
-            eventually(Duration::from_secs(10), || fetch(&netns, port).is_some()),
-            "round {round}: no answer"
-        );
+        if !eventually(Duration::from_secs(10), || fetch(&netns, port).is_some()) {
+            let log = proxy.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+            panic!("round {round}: no answer on {port}: {:?}\n{}", try_fetch(&netns, port), tail.join("\n"));
+        }
         docker(&proxy, &["rm", "-f", &name]);
     }
     assert_eq!(refused, 0, "{refused} of 100 runs had no answer on their published port");

@@ -533,13 +533,19 @@ async fn register(upstream: &dyn Upstream, mount: &LocalMount) -> Result<(), Mou
             mount_error(StatusCode::BAD_REQUEST, format!("offload cannot read {}: {e}", mount.local_source))
         })?;
     let changes = diff(&local, &info.manifest);
+    let entries = local.len();
     *lock(&mount.manifest) = local;
+    let changed = changes.upserts.len() + changes.deletions.len();
+    let bytes_before = lock(&mount.stats).bytes_sent;
     if !changes.is_empty() {
         push(upstream, mount, changes).await.map_err(|e| mount_error(StatusCode::BAD_GATEWAY, e))?;
     }
     tracing::info!(
         source = %mount.local_source,
         remote = %info.remote_root,
+        entries,
+        changed,
+        bytes_sent = lock(&mount.stats).bytes_sent - bytes_before,
         took_ms = started.elapsed().as_millis() as u64,
         "bind mount synced"
     );

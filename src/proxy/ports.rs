@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header::HeaderName, HeaderValue, Method, Request};
@@ -50,6 +50,9 @@ struct Forward {
     port: u16,
     /// The container's name, so requests that name it find its forwards.
     container: String,
+    /// A reconcile only drops forwards older than its container list: a
+    /// start that lands while the list is on its way is newer than the list.
+    opened: Instant,
     stop: CancellationToken,
 }
 
@@ -108,7 +111,12 @@ impl PortForwards {
             let address = self.listen_address(&port.requested_address);
             let stop = self.lifecycle.token.child_token();
             self.open(SocketAddr::new(address, port.host_port), name.clone(), stop.clone());
-            opened.push(Forward { port: port.host_port, container: name.clone(), stop });
+            opened.push(Forward {
+                port: port.host_port,
+                container: name.clone(),
+                opened: Instant::now(),
+                stop,
+            });
         }
         table.insert(id.clone(), opened);
         drop(table);
@@ -211,8 +219,13 @@ impl PortForwards {
                     _ = self.wanted.notified() => {}
                 }
             }
+            // Subscribe first, then list: whatever changes after the list
+            // is in the events still to be read, so nothing falls between.
+            let events = self.subscribe_events().await;
             self.reconcile().await;
-            self.follow_events().await;
+            if let Some(events) = events {
+                self.follow_events(events).await;
+            }
             tokio::select! {
                 _ = self.lifecycle.token.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -223,6 +236,7 @@ impl PortForwards {
     /// After a (re)connect: forwards for every running container, and only
     /// still-existing containers stay watched.
     async fn reconcile(&self) {
+        let listed = Instant::now();
         let Some(all) = self.get_json("/containers/json?all=1").await else { return };
         let containers: Vec<(String, bool)> = all
             .as_array()
@@ -231,20 +245,25 @@ impl PortForwards {
             .filter_map(|c| Some((c["Id"].as_str()?.to_string(), c["State"].as_str() == Some("running"))))
             .collect();
         let running: Vec<&String> = containers.iter().filter(|(_, up)| *up).map(|(id, _)| id).collect();
-        self.table().retain(|id, _| running.contains(&id));
+        self.table().retain(|id, forwards| {
+            running.contains(&id) || forwards.first().is_some_and(|f| f.opened >= listed)
+        });
         self.watched().retain(|id| containers.iter().any(|(known, _)| known == id));
         for id in running {
             self.sync(id).await;
         }
     }
 
-    async fn follow_events(&self) {
+    async fn subscribe_events(&self) -> Option<body::Body> {
         let mut request = Request::new(body::empty());
         let filter = "/events?filters=%7B%22type%22%3A%5B%22container%22%5D%7D";
         *request.uri_mut() = http::Uri::from_static(filter);
         request.headers_mut().insert(HeaderName::from_static(BACKGROUND), HeaderValue::from_static("1"));
-        let Ok(exchange) = self.upstream.send(request).await else { return };
-        let mut events = exchange.response.into_body();
+        let exchange = self.upstream.send(request).await.ok()?;
+        exchange.response.status().is_success().then(|| exchange.response.into_body())
+    }
+
+    async fn follow_events(&self, mut events: body::Body) {
         let mut pending = Vec::new();
         loop {
             let frame = tokio::select! {
