@@ -210,3 +210,55 @@ fn the_proxy_waits_for_an_agent_that_is_down() {
     let output = docker_ps(&proxy);
     assert!(output.status.success(), "{}", stderr_of(&output));
 }
+
+#[test]
+fn a_run_whose_link_dies_does_not_look_successful() {
+    ensure_images();
+    for extra in [&[][..], &["--rm"][..], &["-i"][..], &["--rm", "-i"][..]] {
+        run_cut_off(extra);
+    }
+}
+
+/// `docker run EXTRA` whose link is cut while the container runs.
+fn run_cut_off(extra: &[&str]) {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_agent, agent_addr, certs) = tls_agent(dir.path(), 0);
+    let relay = DelayRelay::start(agent_addr, Duration::ZERO);
+    let proxy = tls_proxy(relay.addr, &certs, &[]);
+    let mut cleanup = Cleanup::default();
+    let name = cleanup.container(&unique("runcut"));
+    let mut args = vec!["run", "--name", &name];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, "sh", "-c", "echo begun; sleep 4; echo finished"]);
+    let mut runner = proxy
+        .docker(DOCKER_28)
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("docker run");
+    // Cut once the container runs (its first line has been written).
+    let running = eventually(Duration::from_secs(20), || {
+        let mut command = engine();
+        command.args(["logs", &name]);
+        run(command, None, LIMIT).stdout.starts_with(b"begun")
+    });
+    assert!(running, "{extra:?}: the container never started");
+    relay.cut();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = runner.try_wait().expect("poll") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{extra:?}: docker run hung after the link died");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = runner.wait_with_output().expect("output");
+    let said = String::from_utf8_lossy(&output.stderr).into_owned();
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(status.code(), Some(125), "{extra:?}: the CLI's code for a failed wait: {printed:?} {said}");
+    assert!(printed.starts_with("begun"), "{extra:?}: the output so far arrived: {printed:?}");
+    // The client hears why, not a bare "unexpected EOF".
+    assert!(said.contains("offload: the connection to") && said.contains("was lost"), "{extra:?}: {said}");
+}

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use super::hangup::HangupWatch;
 use super::mounts::{Mounts, Rewritten};
 use super::ports::PortForwards;
+use super::wait_answer;
 use crate::body::{self, Body};
 use crate::docker::error::error_response;
 use crate::docker::headers::{
@@ -131,6 +132,9 @@ pub async fn handle(
     }
 
     let mut response_body = response_body;
+    if route == Route::ContainerWait && head.status.is_success() {
+        response_body = wait_answer::explain_failures(response_body, state.upstream.describe().to_string());
+    }
     if let (Some(mounts), true) = (&state.mounts, head.status.is_success()) {
         match route {
             // The container's last writes are here before the client hears it exited.
