@@ -4,6 +4,7 @@
 //! Both halves use this module; it knows the wire contract and how to carry
 //! byte streams on HTTP/2 bodies, and nothing about either half's internals.
 
+pub mod datagram;
 pub mod protocol;
 pub mod stream;
 pub mod transport;

@@ -12,6 +12,9 @@
 //!   engine→client bytes. END_STREAM is a half-close, RST_STREAM an abort.
 //! - [`CLOSE_DELIMITED`] marks a response the engine sent close-delimited.
 //! - [`BACKGROUND`] marks streams the proxy opens for itself (not activity).
+//! - `CONNECT 127.0.0.1:<port>` forwards a published port (loopback only);
+//!   with [`PROTOCOL`] = `udp` the stream carries datagrams framed by
+//!   `link::datagram`, otherwise TCP bytes.
 //! - `/_offload/v1/sync/mounts...`: bind-mount sync (see `agent::sync`).
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +37,9 @@ pub const STATUS: &str = "x-offload-status";
 pub const CLOSE_DELIMITED: &str = "x-offload-close-delimited";
 /// Present on streams the proxy opens for itself.
 pub const BACKGROUND: &str = "x-offload-background";
+/// On a `CONNECT`: `udp` for a forwarded UDP port (absent means TCP).
+pub const PROTOCOL: &str = "x-offload-protocol";
+pub const PROTOCOL_UDP: &str = "udp";
 
 /// The largest upgrade request body the proxy reads before sending (exec
 /// start bodies are a few dozen bytes).
