@@ -9,6 +9,7 @@ pub mod service;
 pub mod session;
 pub mod sync;
 pub mod tracked_body;
+pub mod udp;
 
 use std::io;
 use std::path::PathBuf;

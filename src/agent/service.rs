@@ -18,6 +18,7 @@ use super::idle::end_session;
 use super::session::{ActivityGuard, ActivityKind, Session, Sessions};
 use super::sync::{AgentSync, SYNC_PREFIX};
 use super::tracked_body::{Guarded, Inspected};
+use super::udp;
 use crate::body::{self, Body};
 use crate::docker::error::error_response;
 use crate::docker::gpu::{requests_gpu, EngineGpus, NO_GPU};
@@ -417,12 +418,19 @@ async fn tunnel(session: &Arc<Session>, mut request: Request<Incoming>) -> Respo
     let Some((host, Some(port))) = target else {
         return error_response(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
     };
-    let loopback = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>();
-    if !loopback.is_ok_and(|ip| ip.is_loopback()) {
-        return error_response(
-            StatusCode::FORBIDDEN,
-            &format!("the agent forwards only to its own loopback, not to {host}:{port}"),
-        );
+    let address = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>();
+    let ip = match address {
+        Ok(ip) if ip.is_loopback() => ip,
+        _ => {
+            return error_response(
+                StatusCode::FORBIDDEN,
+                &format!("the agent forwards only to its own loopback, not to {host}:{port}"),
+            )
+        }
+    };
+    let udp = request.headers().get(protocol::PROTOCOL).is_some_and(|p| p == protocol::PROTOCOL_UDP);
+    if udp {
+        return udp_tunnel(session, request, std::net::SocketAddr::new(ip, port)).await;
     }
     let stream = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
         Ok(stream) => stream,
@@ -443,6 +451,35 @@ async fn tunnel(session: &Arc<Session>, mut request: Request<Incoming>) -> Respo
         let mut stream = stream;
         if let Err(error) = splice(&mut link, &mut stream).await {
             tracing::debug!(%error, port, "forwarded connection aborted");
+        }
+    });
+    Response::new(body::empty())
+}
+
+/// A forwarded UDP flow (`CONNECT` with `x-offload-protocol: udp`): framed
+/// datagrams to and from a UDP socket connected to `target` (loopback).
+async fn udp_tunnel(
+    session: &Arc<Session>,
+    mut request: Request<Incoming>,
+    target: std::net::SocketAddr,
+) -> Response<Body> {
+    let socket = match udp::connect(target).await {
+        Ok(socket) => socket,
+        Err(error) => {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("cannot open a UDP socket to port {}: {error}", target.port()),
+            )
+        }
+    };
+    let pending = hyper::upgrade::on(&mut request);
+    let activity = session.activity(ActivityKind::Stream);
+    tokio::spawn(async move {
+        let _activity = activity;
+        let Ok(upgraded) = pending.await else { return };
+        let mut link = hyper_util::rt::TokioIo::new(upgraded);
+        if let Err(error) = udp::relay(&mut link, &socket).await {
+            tracing::debug!(%error, port = target.port(), "forwarded UDP flow aborted");
         }
     });
     Response::new(body::empty())
