@@ -6,6 +6,7 @@ pub mod mounts;
 pub mod parse_errors;
 pub mod ports;
 pub mod service;
+pub mod udp;
 pub mod wait_answer;
 
 use std::path::PathBuf;

@@ -1,6 +1,7 @@
 //! Published ports answer on this machine: for every running container with
-//! published TCP ports, a local listener on the same port number, each
-//! accepted connection one tunnel over the link to the remote's loopback.
+//! published ports, a local listener (TCP) or socket (UDP, see `proxy::udp`)
+//! on the same port number; each accepted connection, or each UDP peer, is
+//! one tunnel over the link to the remote's loopback.
 //!
 //! Forwards are opened when a start through this proxy succeeds (before the
 //! start response goes back, so a client connecting right after `docker run
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header::HeaderName, HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Limited};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -46,8 +47,33 @@ pub struct PortForwards {
     wanted: Notify,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// `None` for what is not forwarded (`sctp`).
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "tcp" => Some(Self::Tcp),
+            "udp" => Some(Self::Udp),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
 struct Forward {
     port: u16,
+    protocol: Protocol,
     /// The container's name, so requests that name it find its forwards.
     container: String,
     /// A reconcile only drops forwards older than its container list: a
@@ -93,11 +119,13 @@ impl PortForwards {
         let id = inspect["Id"].as_str().unwrap_or(container).to_string();
         let running = inspect["State"]["Running"].as_bool() == Some(true);
         let ports: Vec<Published> = if running { published(&inspect) } else { Vec::new() };
-        let ports: Vec<Published> = ports.into_iter().filter(|p| p.protocol == "tcp").collect();
+        let ports: Vec<(Protocol, Published)> =
+            ports.into_iter().filter_map(|p| Some((Protocol::parse(&p.protocol)?, p))).collect();
         let mut table = self.table();
-        let existing: Vec<u16> =
-            table.get(&id).map(|f| f.iter().map(|f| f.port).collect()).unwrap_or_default();
-        let wanted: Vec<u16> = ports.iter().map(|p| p.host_port).collect();
+        let existing: Vec<(Protocol, u16)> =
+            table.get(&id).map(|f| f.iter().map(|f| (f.protocol, f.port)).collect()).unwrap_or_default();
+        let wanted: Vec<(Protocol, u16)> =
+            ports.iter().map(|(protocol, p)| (*protocol, p.host_port)).collect();
         if existing == wanted {
             return;
         }
@@ -107,12 +135,16 @@ impl PortForwards {
         }
         let name = inspect["Name"].as_str().unwrap_or("").trim_start_matches('/').to_string();
         let mut opened = Vec::new();
-        for port in ports {
-            let address = self.listen_address(&port.requested_address);
+        for (protocol, port) in ports {
+            let address = SocketAddr::new(self.listen_address(&port.requested_address), port.host_port);
             let stop = self.lifecycle.token.child_token();
-            self.open(SocketAddr::new(address, port.host_port), name.clone(), stop.clone());
+            match protocol {
+                Protocol::Tcp => self.open(address, name.clone(), stop.clone()),
+                Protocol::Udp => self.open_udp(address, name.clone(), stop.clone()),
+            }
             opened.push(Forward {
                 port: port.host_port,
+                protocol,
                 container: name.clone(),
                 opened: Instant::now(),
                 stop,
@@ -130,7 +162,7 @@ impl PortForwards {
             .table()
             .values()
             .flatten()
-            .map(|f| serde_json::json!({"container": f.container, "port": f.port, "protocol": "tcp"}))
+            .map(|f| serde_json::json!({"container": f.container, "port": f.port, "protocol": f.protocol.name()}))
             .collect();
         list.sort_by_key(|f| f["port"].as_u64());
         list
@@ -157,15 +189,13 @@ impl PortForwards {
     /// Binds synchronously when it can (so the start response only goes back
     /// once the port answers), else keeps retrying in the background.
     fn open(&self, address: SocketAddr, container: String, stop: CancellationToken) {
-        let listener = std::net::TcpListener::bind(address)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .and_then(TcpListener::from_std);
+        let listener = bind_tcp(address);
         let upstream = self.upstream.clone();
         let lifecycle = self.lifecycle.clone();
         let task = async move {
             let listener = match listener {
                 Ok(listener) => listener,
-                Err(error) => match retry_bind(address, &container, error, &stop).await {
+                Err(error) => match retry_bind(address, &container, error, &stop, bind_tcp).await {
                     Some(listener) => listener,
                     None => return,
                 },
@@ -192,6 +222,27 @@ impl PortForwards {
                 });
             }
             tracing::info!(%address, %container, "port forward closed");
+        };
+        self.lifecycle.spawn(task);
+    }
+
+    /// The same for a UDP port: the socket is bound before the start
+    /// response goes back when it can be.
+    fn open_udp(&self, address: SocketAddr, container: String, stop: CancellationToken) {
+        let socket = bind_udp(address);
+        let upstream = self.upstream.clone();
+        let lifecycle = self.lifecycle.clone();
+        let task = async move {
+            let socket = match socket {
+                Ok(socket) => socket,
+                Err(error) => match retry_bind(address, &container, error, &stop, bind_udp).await {
+                    Some(socket) => socket,
+                    None => return,
+                },
+            };
+            tracing::info!(%address, %container, "UDP port forward open");
+            super::udp::serve(socket, address.port(), upstream, lifecycle, stop).await;
+            tracing::info!(%address, %container, "UDP port forward closed");
         };
         self.lifecycle.spawn(task);
     }
@@ -299,12 +350,25 @@ impl PortForwards {
     }
 }
 
-async fn retry_bind(
+fn bind_tcp(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+fn bind_udp(address: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+async fn retry_bind<T>(
     address: SocketAddr,
     container: &str,
     error: std::io::Error,
     stop: &CancellationToken,
-) -> Option<TcpListener> {
+    bind: fn(SocketAddr) -> std::io::Result<T>,
+) -> Option<T> {
     // Often the port is ours: a container that died and was restarted frees
     // its old listener only when that task next runs. So try again briefly
     // before calling the port taken.
@@ -313,8 +377,8 @@ async fn retry_bind(
             _ = stop.cancelled() => return None,
             _ = tokio::time::sleep(QUICK_RETRY) => {}
         }
-        if let Ok(listener) = TcpListener::bind(address).await {
-            return Some(listener);
+        if let Ok(bound) = bind(address) {
+            return Some(bound);
         }
     }
     tracing::warn!(
@@ -326,8 +390,8 @@ async fn retry_bind(
             _ = stop.cancelled() => return None,
             _ = tokio::time::sleep(RETRY_TAKEN_PORT) => {}
         }
-        if let Ok(listener) = TcpListener::bind(address).await {
-            return Some(listener);
+        if let Ok(bound) = bind(address) {
+            return Some(bound);
         }
     }
 }

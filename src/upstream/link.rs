@@ -126,23 +126,11 @@ impl Upstream for LinkUpstream {
     }
 
     fn open_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let link = inner.link().await.map_err(|e| io::Error::other(e.user_message()))?;
-            let request = Request::connect(format!("127.0.0.1:{port}"))
-                .body(body::empty())
-                .map_err(io::Error::other)?;
-            let mut sender = link.sender;
-            let mut response = sender.send_request(request).await.map_err(io::Error::other)?;
-            if response.status() != StatusCode::OK {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("the agent refused the forward to port {port}: {}", response.status()),
-                ));
-            }
-            let upgraded = hyper::upgrade::on(&mut response).await.map_err(io::Error::other)?;
-            Ok(Box::new(TokioIo::new(upgraded)) as BoxedIo)
-        })
+        Box::pin(self.inner.clone().connect(port, false))
+    }
+
+    fn open_udp_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
+        Box::pin(self.inner.clone().connect(port, true))
     }
 }
 
@@ -152,6 +140,27 @@ const SESSION_GONE: &str = "session gone";
 impl Inner {
     fn failure(&self, kind: FailureKind, reason: String) -> UpstreamError {
         UpstreamError { kind, what: "the offload agent", target: self.described.clone(), reason }
+    }
+
+    /// A forwarded connection (TCP) or UDP flow: `CONNECT 127.0.0.1:<port>`.
+    async fn connect(self: Arc<Self>, port: u16, udp: bool) -> io::Result<BoxedIo> {
+        let link = self.link().await.map_err(|e| io::Error::other(e.user_message()))?;
+        let mut request = Request::connect(format!("127.0.0.1:{port}"));
+        if udp {
+            request = request.header(protocol::PROTOCOL, protocol::PROTOCOL_UDP);
+        }
+        let request = request.body(body::empty()).map_err(io::Error::other)?;
+        let mut sender = link.sender;
+        let mut response = sender.send_request(request).await.map_err(io::Error::other)?;
+        if response.status() != StatusCode::OK {
+            let what = if udp { "UDP port" } else { "port" };
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("the agent refused the forward to {what} {port}: {}", response.status()),
+            ));
+        }
+        let upgraded = hyper::upgrade::on(&mut response).await.map_err(io::Error::other)?;
+        Ok(Box::new(TokioIo::new(upgraded)) as BoxedIo)
     }
 
     /// The live link, or a new one (single-flight: concurrent callers wait).

@@ -109,6 +109,13 @@ pub trait Upstream: Send + Sync + 'static {
         let _ = port;
         Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this upstream forwards no ports")) })
     }
+
+    /// A stream of framed datagrams (`link::datagram`) to UDP `port` on the
+    /// remote's loopback: one local peer of a forwarded UDP port.
+    fn open_udp_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
+        let _ = port;
+        Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this upstream forwards no ports")) })
+    }
 }
 
 /// Walks an error's source chain into one line ("a: b: c").
