@@ -265,24 +265,25 @@ fn the_proxy_refuses_connect_from_clients() {
     assert!(text.contains("CONNECT is not part of the Docker API"), "{text}");
 }
 
-/// Speaks the link to an agent directly, as a proxy (or an attacker with
-/// access to the agent) would: only the agent's own loopback is a target.
-#[tokio::test]
-async fn the_agent_forwards_only_to_its_own_loopback() {
-    use http_body_util::{BodyExt, Empty, Full};
-    use hyper::body::Bytes;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+type LinkSender = hyper::client::conn::http2::SendRequest<
+    http_body_util::combinators::BoxBody<hyper::body::Bytes, std::convert::Infallible>,
+>;
 
-    let dir = tempfile::tempdir().expect("dir");
-    let socket = dir.path().join("agent.sock");
+/// An agent on a unix socket in `dir`, and a link to it with a session open,
+/// spoken directly as a proxy (or an attacker with access to the agent) would.
+async fn agent_link(dir: &std::path::Path) -> (AgentProcess, LinkSender) {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+
+    let socket = dir.join("agent.sock");
     let args = [
         "--listen".to_string(),
         format!("unix://{}", socket.display()),
         "--insecure".into(),
         "--state-dir".into(),
-        dir.path().join("state").display().to_string(),
+        dir.join("state").display().to_string(),
     ];
-    let (_agent, _) = AgentProcess::start(dir.path(), &args);
+    let (agent, _) = AgentProcess::start(dir, &args);
     let io = tokio::net::UnixStream::connect(&socket).await.expect("agent");
     let (mut link, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -295,6 +296,18 @@ async fn the_agent_forwards_only_to_its_own_loopback() {
         .body(Full::new(Bytes::from_static(b"{}")).boxed())
         .expect("request");
     assert!(link.send_request(session).await.expect("session").status().is_success());
+    (agent, link)
+}
+
+/// Only the agent's own loopback is a target.
+#[tokio::test]
+async fn the_agent_forwards_only_to_its_own_loopback() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (_agent, mut link) = agent_link(dir.path()).await;
 
     let connect = |target: String| {
         hyper::Request::connect(target).body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
@@ -323,4 +336,192 @@ async fn the_agent_forwards_only_to_its_own_loopback() {
     let mut answer = [0u8; 5];
     upgraded.read_exact(&mut answer).await.expect("receive");
     assert_eq!(&answer, b"HELLO");
+}
+
+/// A helper process of a test, killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A UDP echo server for a container's port 53: busybox has no UDP server,
+/// so a python3 of this machine runs in the container's network namespace.
+/// Ends on drop (and by itself after two minutes, whatever happens).
+fn udp_echo(container: &str) -> Killed {
+    let mut command = engine();
+    command.args(["inspect", "--format", "{{.State.Pid}}", container]);
+    let pid = ok(run(command, None, LIMIT)).trim().to_string();
+    let script = "import signal, socket\nsignal.alarm(120)\n\
+                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 53))\n\
+                  while True:\n    data, peer = s.recvfrom(65535)\n    s.sendto(data, peer)\n";
+    let child = Command::new("nsenter")
+        .args(["-t", &pid, "-n", "python3", "-c", script])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("nsenter python3");
+    Killed(child)
+}
+
+/// Sends datagrams to 127.0.0.1:`port` inside the namespace from two
+/// sockets (two peers), each retried until answered; prints what came back.
+fn udp_exchange(netns: &NetNs, port: u16) -> String {
+    let script = format!(
+        "import socket, sys\n\
+         answers = []\n\
+         for payload in [b'hello', b'x' * 1400]:\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.settimeout(0.5)\n\
+         \x20   for attempt in range(20):\n\
+         \x20       s.sendto(payload, ('127.0.0.1', {port}))\n\
+         \x20       try:\n\
+         \x20           data, peer = s.recvfrom(65535)\n\
+         \x20           break\n\
+         \x20       except socket.timeout:\n\
+         \x20           data = b'(nothing)'\n\
+         \x20   answers.append('%d:%s' % (len(data), data[:5].decode()))\n\
+         print(' '.join(answers))\n"
+    );
+    let mut command = netns.command("python3");
+    command.args(["-c", &script]);
+    ok(run(command, None, LIMIT)).trim().to_string()
+}
+
+/// Whether UDP 127.0.0.1:`port` inside the namespace is free (no forward).
+fn udp_port_free(netns: &NetNs, port: u16) -> bool {
+    let mut command = netns.command("python3");
+    command.args([
+        "-c",
+        &format!(
+            "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).bind(('127.0.0.1', {port}))"
+        ),
+    ]);
+    run(command, None, LIMIT).status.success()
+}
+
+/// A UDP port that is free on this machine right now (the kernel picks it).
+fn free_udp_port() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr").port()
+}
+
+#[test]
+fn a_published_udp_port_echoes_through_the_link() {
+    ensure_images();
+    let netns = NetNs::new();
+    let proxy = Proxy::start_in_netns(&netns);
+    let mut cleanup = Cleanup::default();
+    let name = cleanup.container(&unique("udp"));
+    let port = free_udp_port();
+    let publish = format!("{port}:53/udp");
+    docker(&proxy, &["run", "-d", "--name", &name, "-p", &publish, IMAGE, "sleep", "300"]);
+    let _echo = udp_echo(&name);
+
+    // Both peers get their own answers back, the large datagram whole.
+    let answers = udp_exchange(&netns, port);
+    assert_eq!(answers, "5:hello 1400:xxxxx", "{}", proxy.log_text());
+    assert!(proxy.log_text().contains("UDP port forward open"), "{}", proxy.log_text());
+
+    // On the remote side the port is bound to loopback only.
+    let mut command = engine();
+    command.args([
+        "inspect",
+        "--format",
+        "{{range (index .NetworkSettings.Ports \"53/udp\")}}{{.HostIp}}:{{.HostPort}} {{end}}",
+        &name,
+    ]);
+    let bindings = ok(run(command, None, LIMIT));
+    assert_eq!(
+        bindings.split_whitespace().collect::<Vec<_>>(),
+        vec![format!("127.0.0.1:{port}")],
+        "{bindings}"
+    );
+    // And the forward is listed.
+    let status = raw_exchange(&proxy.socket, b"GET /_offload/v1/proxy HTTP/1.0\r\n\r\n", LIMIT);
+    let status = String::from_utf8_lossy(&status);
+    assert!(status.contains(&format!(r#""port":{port},"protocol":"udp""#)), "{status}");
+
+    // Stopping the container closes the local socket.
+    assert!(!udp_port_free(&netns, port));
+    docker(&proxy, &["stop", "-t", "0", &name]);
+    assert!(
+        eventually(Duration::from_secs(5), || udp_port_free(&netns, port)),
+        "the UDP forward outlived its container"
+    );
+}
+
+/// A UDP flow on the link: `CONNECT` marked `x-offload-protocol: udp`,
+/// datagrams framed with a 2-byte length; loopback only, like TCP.
+#[tokio::test]
+async fn the_agent_forwards_udp_only_to_its_own_loopback() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (_agent, mut link) = agent_link(dir.path()).await;
+    let connect = |target: String| {
+        hyper::Request::connect(target)
+            .header("x-offload-protocol", "udp")
+            .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
+    };
+    let refused = link.send_request(connect("192.0.2.1:53".into()).expect("request")).await.expect("answer");
+    assert_eq!(refused.status(), 403);
+    let body = refused.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("forwards only to its own loopback"), "{body:?}");
+
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("echo");
+    let port = echo.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut buffer = [0u8; 64];
+        while let Ok((n, from)) = echo.recv_from(&mut buffer).await {
+            let _ = echo.send_to(&buffer[..n].to_ascii_uppercase(), from).await;
+        }
+    });
+    let mut tunnel =
+        link.send_request(connect(format!("127.0.0.1:{port}")).expect("request")).await.expect("answer");
+    assert_eq!(tunnel.status(), 200);
+    let upgraded = hyper::upgrade::on(&mut tunnel).await.expect("upgrade");
+    let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
+    upgraded.write_all(b"\x00\x05hello\x00\x03abc").await.expect("send");
+    let mut answer = [0u8; 12];
+    upgraded.read_exact(&mut answer).await.expect("receive");
+    assert_eq!(&answer, b"\x00\x05HELLO\x00\x03ABC");
+}
+
+#[test]
+fn a_taken_local_udp_port_is_retried_until_it_frees_up() {
+    ensure_images();
+    let netns = NetNs::new();
+    let proxy = Proxy::start_in_netns(&netns);
+    let mut cleanup = Cleanup::default();
+    let port = free_udp_port();
+    // Something in the namespace already has the UDP port.
+    let squat = format!(
+        "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('127.0.0.1', {port}))\nprint('bound', flush=True)\ntime.sleep(120)\n"
+    );
+    let mut squatter = netns.command("python3");
+    squatter.args(["-c", &squat]).stdout(Stdio::piped());
+    let mut squatter = Killed(squatter.spawn().expect("python3"));
+    let mut said = String::new();
+    let stdout = squatter.0.stdout.take().expect("stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut said).expect("squatter");
+    assert_eq!(said.trim(), "bound");
+
+    let name = cleanup.container(&unique("udptaken"));
+    docker(&proxy, &["run", "-d", "--name", &name, "-p", &format!("{port}:53/udp"), IMAGE, "sleep", "300"]);
+    let _echo = udp_echo(&name);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .log_text()
+            .contains("cannot listen for a published port")),
+        "{}",
+        proxy.log_text()
+    );
+    drop(squatter);
+    assert_eq!(udp_exchange(&netns, port), "5:hello 1400:xxxxx", "{}", proxy.log_text());
 }
