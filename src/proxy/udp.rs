@@ -53,6 +53,8 @@ pub async fn serve(
             Ok(received) => received,
             Err(error) => {
                 tracing::debug!(port, %error, "receiving on a forwarded UDP port");
+                // An error that repeats (memory pressure) must not spin the runtime.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
         };
