@@ -162,6 +162,12 @@ impl TreeWatcher {
         let mut batch = Batch::default();
         for event in seen {
             if event.mask.contains(EventMask::Q_OVERFLOW) {
+                // Lost events may include new directories: watch them too.
+                if !batch.rescan {
+                    if let Err(error) = self.add_dir(tree, String::new()) {
+                        tracing::warn!(%error, "cannot watch the tree again after lost events");
+                    }
+                }
                 batch.rescan = true;
                 continue;
             }
@@ -243,6 +249,30 @@ mod tests {
         std::fs::write(dir.path().join("new/g.txt"), "y").expect("write");
         let batch = next(&mut watcher, &tree).await;
         assert!(batch.paths.contains("new/g.txt"), "a new directory is watched: {batch:?}");
+    }
+
+    #[tokio::test]
+    async fn lost_events_still_leave_new_directories_watched() {
+        let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(16384);
+        let dir = tempfile::tempdir().expect("tmp");
+        let tree = Tree::new(dir.path().into(), None);
+        let mut watcher = TreeWatcher::new(&tree).expect("watch");
+        // Enough events to fill the kernel's queue while nobody reads (each
+        // write is at least create + close), then a directory whose creation
+        // is lost with the overflow.
+        for index in 0..queue / 2 + 64 {
+            std::fs::write(dir.path().join(format!("f{index}")), "x").expect("write");
+        }
+        std::fs::create_dir(dir.path().join("late")).expect("mkdir");
+        let batch = watcher.drain(&tree).expect("drain");
+        assert!(batch.rescan, "the queue overflowed: {} paths", batch.paths.len());
+        assert!(watcher.drain(&tree).expect("drain").is_empty());
+        std::fs::write(dir.path().join("late/g.txt"), "y").expect("write");
+        let batch = next(&mut watcher, &tree).await;
+        assert!(batch.paths.contains("late/g.txt"), "the new directory is watched: {batch:?}");
     }
 
     #[tokio::test]
