@@ -32,6 +32,14 @@ pub struct TlsFiles {
     pub key: Option<PathBuf>,
 }
 
+/// Encrypted bytes rustls may hold before they are written to the socket, on
+/// both ends of a TLS link. Its default (64 KiB) is below one full link frame
+/// (64 KiB of payload plus the frame header and record overhead), so rustls
+/// took a bulk frame in two writes: the frame less its last bytes, then those
+/// as a record, a syscall and a TCP segment of their own. One buffer per link,
+/// so the memory it may take is small.
+pub const LINK_SEND_BUFFER: usize = 256 << 10;
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

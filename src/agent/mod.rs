@@ -101,7 +101,10 @@ impl Agent {
                     lifecycle.spawn(
                         async move {
                             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                                Ok(Ok(tls)) => serve_link(tls, state, token).await,
+                                Ok(Ok(mut tls)) => {
+                                    tls.get_mut().1.set_buffer_limit(Some(crate::tls::LINK_SEND_BUFFER));
+                                    serve_link(tls, state, token).await
+                                }
                                 Ok(Err(error)) => tracing::warn!(%error, "TLS handshake refused"),
                                 Err(_) => tracing::warn!("TLS handshake timed out"),
                             }

@@ -146,6 +146,7 @@ impl Dialer {
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
                 let mut stream = connector.connect(name, tcp).await?;
+                stream.get_mut().1.set_buffer_limit(Some(tls::LINK_SEND_BUFFER));
                 // TLS 1.3 checks our certificate after our side of the handshake
                 // is done; a refusal arrives as an alert, which a request sent at
                 // once could lose to a connection reset. The agent speaks first
@@ -262,6 +263,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    // Forwarded, or h2 takes the stream for one without vectored writes and
+    // sends each data frame in two writes (its first KiB copied, then the
+    // rest): two TLS records, two syscalls and two TCP segments per frame.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
