@@ -70,7 +70,28 @@ struct RemoteMount {
     drain: mpsc::Sender<oneshot::Sender<()>>,
     /// One push or pull at a time per mount.
     busy: tokio::sync::Mutex<()>,
+    /// True while a push is applied. The watcher stops reading meanwhile:
+    /// what it would read is mostly the push's own echo, and reading it slows
+    /// the push by half. What else happened is still queued in the kernel
+    /// afterwards, or, if the queue overflowed, found by a rescan.
+    pushing: watch::Sender<bool>,
     stop: CancellationToken,
+}
+
+/// Marks a mount as being pushed to until dropped (also on error paths).
+struct Pushing<'a>(&'a watch::Sender<bool>);
+
+impl<'a> Pushing<'a> {
+    fn start(flag: &'a watch::Sender<bool>) -> Self {
+        flag.send_replace(true);
+        Self(flag)
+    }
+}
+
+impl Drop for Pushing<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -212,6 +233,7 @@ impl AgentSync {
                     generation: watch::channel(0).0,
                     drain,
                     busy: tokio::sync::Mutex::new(()),
+                    pushing: watch::channel(false).0,
                     stop: CancellationToken::new(),
                 });
                 tokio::spawn(watch_copy(mount.clone(), watcher, drain_requests));
@@ -237,6 +259,7 @@ impl AgentSync {
         request: Request<Incoming>,
     ) -> Response<Body> {
         let _busy = mount.busy.lock().await;
+        let _pushing = Pushing::start(&mount.pushing);
         let used = lock(&self.sessions).get(session_id).map(|s| s.bytes.clone()).unwrap_or_default();
         let limit = self.config.max_session_bytes;
         let tree = lock(&mount.tree).clone();
@@ -435,11 +458,14 @@ async fn watch_copy(
     // It is checked once the push ends, not path by path against a manifest
     // the push is changing meanwhile (that took a third of an initial sync).
     let mut deferred = Batch::default();
+    let mut pushing = mount.pushing.subscribe();
     loop {
         let tree = lock(&mount.tree).clone();
+        let paused = *pushing.borrow_and_update();
         let batch = tokio::select! {
             _ = mount.stop.cancelled() => break,
-            batch = watcher.wait(&tree) => batch,
+            batch = watcher.wait(&tree), if !paused => batch,
+            _ = pushing.changed(), if paused => continue,
             Some(done) = drain_requests.recv() => {
                 let mut batch = std::mem::take(&mut deferred);
                 if let Ok(drained) = watcher.drain(&tree) {
