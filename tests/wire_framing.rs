@@ -327,6 +327,29 @@ fn upgrade_keeps_head_read_ahead_and_half_close() {
     assert_eq!(rest, "early|PING|after-eof");
 }
 
+/// docker-py loses stream bytes that arrive in the same read as the 101 head
+/// (docker-py#3332). The fake engine sends both in one write; a client that
+/// reads late must still find the head alone in its first read.
+#[test]
+fn a_late_reader_gets_the_101_head_apart_from_the_stream() {
+    let engine = FakeEngine::start();
+    let proxy = engine.proxy();
+    let mut stream = UnixStream::connect(&proxy.socket).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    stream
+        .write_all(b"POST /upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n")
+        .expect("write");
+    // Long enough for the proxy to have everything from the engine.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut first = vec![0u8; 64 << 10];
+    let n = stream.read(&mut first).expect("read");
+    let first = text(&first[..n]);
+    assert!(first.starts_with("HTTP/1.1 101 ") && first.ends_with("\r\n\r\n"), "first read: {first:?}");
+    let mut rest = vec![0u8; 64];
+    let n = stream.read(&mut rest).expect("read");
+    assert_eq!(text(&rest[..n]), "early|");
+}
+
 #[test]
 fn engine_garbage_becomes_a_json_error_and_the_proxy_keeps_serving() {
     let engine = FakeEngine::start();

@@ -10,7 +10,11 @@
 //! This watches a duplicate of the socket for HUP so the caller can cancel.
 
 use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
@@ -43,6 +47,42 @@ impl HangupWatch {
                 Err(_) => return,
             }
         }
+    }
+
+    /// Starts listening for the client's next read of what we send it; call
+    /// before the answer is written. See [`ReadNotice`].
+    pub async fn read_notice(&self) -> Option<ReadNotice> {
+        let duplicate = StdUnixStream::from(self.duplicate.as_fd().try_clone_to_owned().ok()?);
+        duplicate.set_nonblocking(true).ok()?;
+        // Deprecated for types whose fd may close while registered; the
+        // AsyncFd owns this one and deregisters before closing it.
+        #[allow(deprecated)]
+        let fd = AsyncFd::with_interest(duplicate, Interest::WRITABLE).ok()?;
+        // A new registration reports the socket writable once: take that
+        // report, so only a later read by the client counts.
+        let mut first = tokio::time::timeout(Duration::from_millis(50), fd.writable()).await.ok()?.ok()?;
+        first.clear_ready();
+        drop(first);
+        Some(ReadNotice { fd })
+    }
+}
+
+/// Tells when the client has read from the socket.
+///
+/// On a unix socket the kernel wakes the writer's waiters each time the
+/// reader takes data from it. docker-py drops stream bytes that arrive in the
+/// same `recv` as a 101 head (docker-py#3332); the engine's own pause between
+/// head and output usually avoids that, but a relay that got both at once
+/// would send them back to back. Waiting for the client to read the head
+/// first keeps them apart.
+pub struct ReadNotice {
+    fd: AsyncFd<StdUnixStream>,
+}
+
+impl ReadNotice {
+    /// Resolves when the client has read, or after `limit`.
+    pub async fn wait(self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.fd.writable()).await;
     }
 }
 

@@ -12,7 +12,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::Instrument;
 
-use super::hangup::HangupWatch;
+use super::hangup::{HangupWatch, ReadNotice};
 use super::mounts::{Mounts, Rewritten};
 use super::ports::PortForwards;
 use super::wait_answer;
@@ -41,6 +41,9 @@ pub const LOCAL_STATUS_PATH: &str = "/_offload/v1/proxy";
 
 /// The largest create body the proxy reads to rewrite its bind mounts.
 const MAX_CREATE_BODY: usize = 16 << 20;
+/// How long a hijacked stream's first bytes wait for the client to read the
+/// 101 head (it normally has within microseconds).
+const HEAD_READ_LIMIT: std::time::Duration = std::time::Duration::from_millis(200);
 /// The largest inspect or list answer whose mount paths are mapped back.
 const MAX_LOCALIZED_ANSWER: usize = 64 << 20;
 
@@ -67,6 +70,10 @@ pub async fn handle(
     let upgrade =
         (request.version() == Version::HTTP_11).then(|| requested_upgrade(request.headers())).flatten();
     let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+    let head_read = match upgrade {
+        Some(_) => watch.read_notice().await,
+        None => None,
+    };
 
     let (mut parts, incoming) = request.into_parts();
     upstream_request_headers(&mut parts.headers, upgrade);
@@ -116,7 +123,7 @@ pub async fn handle(
                 Ok(Box::new(PullBeforeEof { inner: io, gate: Some(gate) }) as BoxedIo)
             });
         }
-        state.lifecycle.spawn(relay(client_side, upstream_side, watch).instrument(span));
+        state.lifecycle.spawn(relay(client_side, upstream_side, head_read, watch).instrument(span));
     }
 
     // A started container's ports answer here before the client hears
@@ -167,6 +174,7 @@ pub async fn handle(
 async fn relay(
     client_side: OnUpgrade,
     upstream_side: BoxFuture<std::io::Result<BoxedIo>>,
+    head_read: Option<ReadNotice>,
     watch: Arc<HangupWatch>,
 ) {
     let (client, upstream) = tokio::join!(client_side, upstream_side);
@@ -175,6 +183,11 @@ async fn relay(
         (Err(error), _) => return tracing::debug!(%error, "client left before the upgrade completed"),
         (_, Err(error)) => return tracing::debug!(%error, "upstream upgrade failed"),
     };
+    // The 101 head is sent; the stream's first bytes go out once the client
+    // has read it (see `ReadNotice`), so no client finds both in one read.
+    if let Some(head_read) = head_read {
+        head_read.wait(HEAD_READ_LIMIT).await;
+    }
     let mut client = TokioIo::new(client);
     tokio::select! {
         result = splice(&mut client, &mut upstream) => match result {
