@@ -336,6 +336,35 @@ async fn the_agent_forwards_only_to_its_own_loopback() {
     let mut answer = [0u8; 5];
     upgraded.read_exact(&mut answer).await.expect("receive");
     assert_eq!(&answer, b"HELLO");
+
+    // The one-round-trip form: the client's bytes ride in the request body
+    // (its end is the client's half-close), the port's in the response body.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("echo");
+    let port = echo.local_addr().expect("addr").port();
+    let served = tokio::spawn(async move {
+        let (mut stream, _) = echo.accept().await.expect("accept");
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.expect("read to the half-close");
+        stream.write_all(&got.to_ascii_uppercase()).await.expect("write");
+    });
+    let post = |port: u16, bytes: &'static [u8]| {
+        hyper::Request::post(format!("http://agent/_offload/v1/tunnel/{port}"))
+            .body(
+                http_body_util::Full::new(Bytes::from_static(bytes)).map_err(|never| match never {}).boxed(),
+            )
+            .expect("request")
+    };
+    let answer = link.send_request(post(port, b"one trip")).await.expect("answer");
+    assert_eq!(answer.status(), 200);
+    let body = answer.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"ONE TRIP");
+    served.await.expect("echo server");
+    // Nothing listening: the agent says so instead of an empty stream.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closed_port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let refused = link.send_request(post(closed_port, b"x")).await.expect("answer");
+    assert_eq!(refused.status(), 502);
 }
 
 /// A helper process of a test, killed on drop.

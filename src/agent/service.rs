@@ -84,6 +84,15 @@ pub async fn handle(
         let _activity = (!request.headers().contains_key(protocol::BACKGROUND))
             .then(|| session.activity(ActivityKind::Request));
         state.sync.handle(&session, request).await
+    } else if let Some(port) =
+        path.strip_prefix(protocol::TUNNEL_PATH).and_then(|rest| rest.strip_prefix('/'))
+    {
+        if request.method() == Method::POST {
+            let port = port.to_string();
+            stream_tunnel(&session, request, &port).await
+        } else {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "a tunnel is opened with POST")
+        }
     } else if path.starts_with(protocol::PREFIX) {
         error_response(StatusCode::NOT_FOUND, "unknown offload endpoint; is the proxy newer than the agent?")
     } else if request.method() == Method::CONNECT {
@@ -141,6 +150,7 @@ async fn open_session(state: &AgentState, link: &LinkContext, request: Request<I
         engine,
         ping,
         engine_socket: state.engine.describe().strip_prefix("unix://").map(str::to_string),
+        features: vec![protocol::FEATURE_STREAM_TUNNEL.to_string()],
     };
     if resumed {
         tracing::info!(session = %info.session_id, "session resumed");
@@ -454,6 +464,38 @@ async fn tunnel(session: &Arc<Session>, mut request: Request<Incoming>) -> Respo
         }
     });
     Response::new(body::empty())
+}
+
+/// A forwarded TCP connection in one round trip (`POST /_offload/v1/tunnel/<port>`):
+/// the request body is what the local client sends, the response body what the
+/// port answers. Always the agent's own loopback.
+async fn stream_tunnel(session: &Arc<Session>, request: Request<Incoming>, port: &str) -> Response<Body> {
+    let Ok(port) = port.parse::<u16>() else {
+        return error_response(StatusCode::BAD_REQUEST, &format!("not a port number: {port}"));
+    };
+    let stream = match tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("cannot connect to port {port}: {error}"),
+            )
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (writer, response_body) = crate::link::stream::channel();
+    let activity = session.activity(ActivityKind::Stream);
+    tokio::spawn(async move {
+        let _activity = activity;
+        let mut link = tokio::io::join(crate::link::stream::BodyReader::new(request.into_body()), writer);
+        let mut stream = stream;
+        // Ends when both directions have ended, or either side aborts (the
+        // proxy resetting the stream fails the body read).
+        if let Err(error) = splice(&mut link, &mut stream).await {
+            tracing::debug!(%error, port, "forwarded connection aborted");
+        }
+    });
+    Response::new(body::stream(response_body))
 }
 
 /// A forwarded UDP flow (`CONNECT` with `x-offload-protocol: udp`): framed

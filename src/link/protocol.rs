@@ -15,6 +15,10 @@
 //! - `CONNECT 127.0.0.1:<port>` forwards a published port (loopback only);
 //!   with [`PROTOCOL`] = `udp` the stream carries datagrams framed by
 //!   `link::datagram`, otherwise TCP bytes.
+//! - `POST /_offload/v1/tunnel/<port>` forwards a published TCP port in one
+//!   round trip: the request body carries the client's bytes from the start
+//!   (no wait for a CONNECT's 200), the response body the port's bytes. Used
+//!   when the session lists [`FEATURE_STREAM_TUNNEL`]; CONNECT otherwise.
 //! - `/_offload/v1/sync/mounts...`: bind-mount sync (see `agent::sync`).
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +44,10 @@ pub const BACKGROUND: &str = "x-offload-background";
 /// On a `CONNECT`: `udp` for a forwarded UDP port (absent means TCP).
 pub const PROTOCOL: &str = "x-offload-protocol";
 pub const PROTOCOL_UDP: &str = "udp";
+/// `POST <TUNNEL_PATH>/<port>`: a forwarded TCP connection on one stream.
+pub const TUNNEL_PATH: &str = "/_offload/v1/tunnel";
+/// In [`SessionInfo::features`]: the agent serves [`TUNNEL_PATH`].
+pub const FEATURE_STREAM_TUNNEL: &str = "stream-tunnel";
 
 /// The largest upgrade request body the proxy reads before sending (exec
 /// start bodies are a few dozen bytes).
@@ -70,6 +78,9 @@ pub struct SessionInfo {
     /// socket (`-v /var/run/docker.sock:...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_socket: Option<String>,
+    /// What this agent serves beyond link contract v1 (older agents: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -65,6 +65,54 @@ where
     }
 }
 
+/// The body of an answer still to come, read as a byte stream once it is
+/// here; a failed answer is a read error (and every read after it fails).
+pub struct AnswerReader<B> {
+    state: AnswerState<B>,
+}
+
+type PendingAnswer<B> = Pin<Box<dyn std::future::Future<Output = io::Result<B>> + Send>>;
+
+enum AnswerState<B> {
+    Waiting(PendingAnswer<B>),
+    Reading(BodyReader<B>),
+    Failed,
+}
+
+impl<B> AnswerReader<B> {
+    pub fn new(answer: PendingAnswer<B>) -> Self {
+        Self { state: AnswerState::Waiting(answer) }
+    }
+}
+
+impl<B> AsyncRead for AnswerReader<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.state {
+                AnswerState::Reading(reader) => return Pin::new(reader).poll_read(cx, buf),
+                AnswerState::Failed => {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "the stream failed")))
+                }
+                AnswerState::Waiting(answer) => match ready!(answer.as_mut().poll(cx)) {
+                    Ok(body) => self.state = AnswerState::Reading(BodyReader::new(body)),
+                    Err(error) => {
+                        self.state = AnswerState::Failed;
+                        return Poll::Ready(Err(error));
+                    }
+                },
+            }
+        }
+    }
+}
+
 /// A body fed by a [`BodyWriter`].
 pub struct ChannelBody {
     frames: mpsc::Receiver<Bytes>,
@@ -124,6 +172,25 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn an_answer_reader_waits_for_its_body_and_reports_a_refusal() {
+        let (mut writer, body) = channel();
+        let answer: PendingAnswer<ChannelBody> = Box::pin(async move { Ok(body) });
+        let mut reader = AnswerReader::new(answer);
+        writer.write_all(b"late body").await.unwrap();
+        writer.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"late body");
+
+        let refused: PendingAnswer<ChannelBody> =
+            Box::pin(async { Err(io::Error::new(io::ErrorKind::ConnectionRefused, "403")) });
+        let mut reader = AnswerReader::new(refused);
+        let mut buf = [0u8; 8];
+        assert_eq!(reader.read(&mut buf).await.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+        assert_eq!(reader.read(&mut buf).await.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
 
     #[tokio::test]
     async fn writer_feeds_reader_and_shutdown_is_end_of_stream() {

@@ -142,9 +142,13 @@ impl Inner {
         UpstreamError { kind, what: "the offload agent", target: self.described.clone(), reason }
     }
 
-    /// A forwarded connection (TCP) or UDP flow: `CONNECT 127.0.0.1:<port>`.
+    /// A forwarded connection (TCP) or UDP flow: `CONNECT 127.0.0.1:<port>`,
+    /// or for TCP, when the agent serves it, a one-round-trip stream tunnel.
     async fn connect(self: Arc<Self>, port: u16, udp: bool) -> io::Result<BoxedIo> {
         let link = self.link().await.map_err(|e| io::Error::other(e.user_message()))?;
+        if !udp && link.session.features.iter().any(|f| f == protocol::FEATURE_STREAM_TUNNEL) {
+            return Ok(stream_tunnel(link.sender, port));
+        }
         let mut request = Request::connect(format!("127.0.0.1:{port}"));
         if udp {
             request = request.header(protocol::PROTOCOL, protocol::PROTOCOL_UDP);
@@ -355,6 +359,27 @@ impl Inner {
     }
 }
 
+/// The client's bytes go out as the request body at once; the agent's answer
+/// (its status, then the port's bytes) is awaited on the first read. So a
+/// client that speaks first gets its first reply after one round trip.
+fn stream_tunnel(mut sender: SendRequest<Body>, port: u16) -> BoxedIo {
+    let (writer, request_body) = stream::channel();
+    let request = Request::post(link_uri(&format!("{}/{port}", protocol::TUNNEL_PATH)))
+        .body(body::stream(request_body))
+        .map(|request| sender.send_request(request));
+    let answer: BoxFuture<io::Result<hyper::body::Incoming>> = Box::pin(async move {
+        let response = request.map_err(io::Error::other)?.await.map_err(io::Error::other)?;
+        if response.status() != StatusCode::OK {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("the agent refused the forward to port {port}: {}", response.status()),
+            ));
+        }
+        Ok(response.into_body())
+    });
+    Box::new(tokio::io::join(stream::AnswerReader::new(answer), writer))
+}
+
 fn link_uri(path_and_query: &str) -> Uri {
     format!("{LINK_ORIGIN}{path_and_query}").parse().unwrap_or_else(|_| Uri::from_static(LINK_ORIGIN))
 }
@@ -436,6 +461,7 @@ mod tests {
                 body: "OK".into(),
             },
             engine_socket: None,
+            features: Vec::new(),
         }
     }
 
