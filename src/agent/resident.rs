@@ -9,11 +9,14 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 
 use crate::splice::splice;
@@ -40,8 +43,46 @@ pub async fn bridge_stdio(plan: &ResidentPlan) -> io::Result<()> {
             wait_for(plan).await?
         }
     };
-    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    let mut stdio = tokio::io::join(stdin(), stdout());
     splice(&mut stdio, &mut agent).await.map(|_| ())
+}
+
+/// stdin as a non-blocking stream when it is a pipe or a socket (as under
+/// sshd). tokio's `stdin()` hands every read to a blocking thread, which
+/// halved a bulk transfer over an ssh link.
+fn stdin() -> Box<dyn AsyncRead + Unpin + Send> {
+    let duplicate = || std::io::stdin().as_fd().try_clone_to_owned();
+    if let Some(receiver) = duplicate().ok().and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok()) {
+        tracing::debug!("stdin is a pipe");
+        return Box::new(receiver);
+    }
+    match duplicate().ok().and_then(socket) {
+        Some(stream) => Box::new(stream),
+        None => {
+            tracing::debug!("stdin is neither a pipe nor a socket: reading it on a blocking thread");
+            Box::new(tokio::io::stdin())
+        }
+    }
+}
+
+/// stdout the same way (see [`stdin`]).
+fn stdout() -> Box<dyn AsyncWrite + Unpin + Send> {
+    let duplicate = || std::io::stdout().as_fd().try_clone_to_owned();
+    if let Some(sender) = duplicate().ok().and_then(|fd| pipe::Sender::from_owned_fd(fd).ok()) {
+        return Box::new(sender);
+    }
+    match duplicate().ok().and_then(socket) {
+        Some(stream) => Box::new(stream),
+        None => Box::new(tokio::io::stdout()),
+    }
+}
+
+fn socket(fd: OwnedFd) -> Option<UnixStream> {
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    // A file or a terminal is not a socket: asking for its peer fails.
+    stream.peer_addr().ok()?;
+    stream.set_nonblocking(true).ok()?;
+    UnixStream::from_std(stream).ok()
 }
 
 /// Starts the resident agent in its own process group, so the end of the ssh
