@@ -74,7 +74,10 @@ impl TreeWatcher {
     }
 
     /// Watches `dir` and, for a directory mount, every directory below it.
-    fn add_dir(&mut self, tree: &Tree, dir: String) -> io::Result<()> {
+    /// Returns the entries found below `dir`: written before the watch
+    /// existed, they raised no event of their own.
+    fn add_dir(&mut self, tree: &Tree, dir: String) -> io::Result<Vec<String>> {
+        let mut found = Vec::new();
         let mut pending = vec![dir];
         while let Some(dir) = pending.pop() {
             let full = if dir.is_empty() { tree.root.clone() } else { tree.root.join(&dir) };
@@ -89,7 +92,7 @@ impl TreeWatcher {
             };
             self.dirs.insert(wd, dir.clone());
             if tree.only.is_some() {
-                return Ok(());
+                return Ok(found);
             }
             let Ok(entries) = std::fs::read_dir(&full) else { continue };
             for item in entries.flatten() {
@@ -97,11 +100,12 @@ impl TreeWatcher {
                 let Some(name) = item.file_name().to_str().map(str::to_string) else { continue };
                 let path = if dir.is_empty() { name } else { format!("{dir}/{name}") };
                 if kind.is_dir() && tree.includes(&path, true) {
-                    pending.push(path);
+                    pending.push(path.clone());
                 }
+                found.push(path);
             }
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Waits until something changed, then returns all that is queued.
@@ -187,9 +191,14 @@ impl TreeWatcher {
             }
             if is_dir && (event.mask.contains(EventMask::CREATE) || event.mask.contains(EventMask::MOVED_TO))
             {
-                if let Err(error) = self.add_dir(tree, path.clone()) {
-                    tracing::warn!(%error, path, "cannot watch a new directory");
-                    batch.rescan = true;
+                match self.add_dir(tree, path.clone()) {
+                    // Reported as possibly changed; what only echoes a push
+                    // matches the manifest and drops out.
+                    Ok(found) => batch.paths.extend(found.into_iter().filter(|p| tree.includes(p, false))),
+                    Err(error) => {
+                        tracing::warn!(%error, path, "cannot watch a new directory");
+                        batch.rescan = true;
+                    }
                 }
             }
             batch.paths.insert(path);
@@ -249,6 +258,19 @@ mod tests {
         std::fs::write(dir.path().join("new/g.txt"), "y").expect("write");
         let batch = next(&mut watcher, &tree).await;
         assert!(batch.paths.contains("new/g.txt"), "a new directory is watched: {batch:?}");
+    }
+
+    #[tokio::test]
+    async fn files_made_in_a_new_directory_before_its_watch_are_reported() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let tree = Tree::new(dir.path().into(), None);
+        let mut watcher = TreeWatcher::new(&tree).expect("watch");
+        // Both happen before the watcher reads (it pauses during pushes):
+        // the file raises no event, as its directory had no watch yet.
+        std::fs::create_dir(dir.path().join("new")).expect("mkdir");
+        std::fs::write(dir.path().join("new/early.txt"), "x").expect("write");
+        let batch = next(&mut watcher, &tree).await;
+        assert!(batch.paths.contains("new/early.txt"), "{batch:?}");
     }
 
     #[tokio::test]
