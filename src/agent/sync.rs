@@ -258,13 +258,17 @@ impl AgentSync {
         mount: &Arc<RemoteMount>,
         request: Request<Incoming>,
     ) -> Response<Body> {
-        let _busy = mount.busy.lock().await;
-        let _pushing = Pushing::start(&mount.pushing);
         let used = lock(&self.sessions).get(session_id).map(|s| s.bytes.clone()).unwrap_or_default();
         let limit = self.config.max_session_bytes;
-        let tree = lock(&mount.tree).clone();
-        let shared = mount.clone();
-        let result = bridge::consume_blocking(request.into_body(), move |input| {
+        let mount = mount.clone();
+        // The guards live in a task of their own: a push whose client went
+        // away still ends applying before the watcher or a pull go on.
+        let applying = tokio::spawn(async move {
+            let _busy = mount.busy.lock().await;
+            let _pushing = Pushing::start(&mount.pushing);
+            let tree = lock(&mount.tree).clone();
+            let shared = mount.clone();
+            bridge::consume_blocking(request.into_body(), move |input| {
             let stamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -319,8 +323,18 @@ impl AgentSync {
                     }
                 },
             )
-        })
-        .await;
+            })
+            .await
+        });
+        let result = match applying.await {
+            Ok(result) => result,
+            Err(error) => {
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("sync push failed: {error}"),
+                )
+            }
+        };
         match result {
             Ok(Ok((totals, conflicts))) => {
                 let report = PushReport { conflicts, files: totals.files, bytes: totals.bytes };
