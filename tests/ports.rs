@@ -263,6 +263,14 @@ fn the_proxy_refuses_connect_from_clients() {
     let text = String::from_utf8_lossy(&response);
     assert!(text.starts_with("HTTP/1.1 405"), "{text}");
     assert!(text.contains("CONNECT is not part of the Docker API"), "{text}");
+    // Nor may a client use the link's own tunnel route through the proxy.
+    let response = raw_exchange(
+        &proxy.socket,
+        b"POST /_offload/v1/tunnel/80 HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
 }
 
 type LinkSender = hyper::client::conn::http2::SendRequest<
@@ -336,6 +344,8 @@ async fn the_agent_forwards_only_to_its_own_loopback() {
     let mut answer = [0u8; 5];
     upgraded.read_exact(&mut answer).await.expect("receive");
     assert_eq!(&answer, b"HELLO");
+    // Ends the CONNECT stream (its port side has ended already).
+    drop(upgraded);
 
     // The one-round-trip form: the client's bytes ride in the request body
     // (its end is the client's half-close), the port's in the response body.
@@ -365,6 +375,38 @@ async fn the_agent_forwards_only_to_its_own_loopback() {
     drop(closed);
     let refused = link.send_request(post(closed_port, b"x")).await.expect("answer");
     assert_eq!(refused.status(), 502);
+
+    // A tunnel the proxy resets after its half-close, to a port that keeps
+    // the connection open and silent, ends at the agent (no stream is left
+    // counting as activity).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("silent");
+    let silent_port = silent.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let (mut stream, _) = silent.accept().await.expect("accept");
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.expect("read to the half-close");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(stream);
+    });
+    let answer = link.send_request(post(silent_port, b"x")).await.expect("answer");
+    assert_eq!(answer.status(), 200);
+    drop(answer);
+    let mut streams = None;
+    for _ in 0..50 {
+        let status = hyper::Request::get("http://agent/_offload/v1/status")
+            .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
+            .expect("request");
+        let answer = link.send_request(status).await.expect("status");
+        let body = answer.into_body().collect().await.expect("body").to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("status json");
+        streams = json["activity"]["streams"].as_u64();
+        if streams == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(streams, Some(0), "the reset tunnel still counts as a stream: {}", _agent.log_text());
+    held.abort();
 }
 
 /// A helper process of a test, killed on drop.

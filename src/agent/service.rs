@@ -483,16 +483,21 @@ async fn stream_tunnel(session: &Arc<Session>, request: Request<Incoming>, port:
         }
     };
     let _ = stream.set_nodelay(true);
-    let (writer, response_body) = crate::link::stream::channel();
+    let (writer, response_body, reset) = crate::link::stream::channel_noticing_drop();
     let activity = session.activity(ActivityKind::Stream);
     tokio::spawn(async move {
         let _activity = activity;
         let mut link = tokio::io::join(crate::link::stream::BodyReader::new(request.into_body()), writer);
         let mut stream = stream;
-        // Ends when both directions have ended, or either side aborts (the
-        // proxy resetting the stream fails the body read).
-        if let Err(error) = splice(&mut link, &mut stream).await {
-            tracing::debug!(%error, port, "forwarded connection aborted");
+        // Ends when both directions have ended, or either side aborts. A
+        // reset by the proxy may arrive after its END_STREAM, while the port
+        // keeps a half-closed connection silent: hyper then drops our
+        // response body, and that ends the tunnel too.
+        tokio::select! {
+            spliced = splice(&mut link, &mut stream) => if let Err(error) = spliced {
+                tracing::debug!(%error, port, "forwarded connection aborted");
+            },
+            Err(_) = reset => tracing::debug!(port, "forwarded connection reset by the proxy"),
         }
     });
     Response::new(body::stream(response_body))

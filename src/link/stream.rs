@@ -116,6 +116,9 @@ where
 /// A body fed by a [`BodyWriter`].
 pub struct ChannelBody {
     frames: mpsc::Receiver<Bytes>,
+    /// Tells the writer's owner how the body went: sent `()` at its end,
+    /// dropped unsent when the body is dropped before it (a reset).
+    ended: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl HttpBody for ChannelBody {
@@ -126,7 +129,13 @@ impl HttpBody for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.frames.poll_recv(cx).map(|frame| frame.map(|data| Ok(Frame::data(data))))
+        let frame = ready!(self.frames.poll_recv(cx));
+        if frame.is_none() {
+            if let Some(ended) = self.ended.take() {
+                let _ = ended.send(());
+            }
+        }
+        Poll::Ready(frame.map(|data| Ok(Frame::data(data))))
     }
 }
 
@@ -138,7 +147,17 @@ pub struct BodyWriter {
 /// A connected writer and body.
 pub fn channel() -> (BodyWriter, ChannelBody) {
     let (sender, receiver) = mpsc::channel(CHANNEL_FRAMES);
-    (BodyWriter { frames: PollSender::new(sender) }, ChannelBody { frames: receiver })
+    (BodyWriter { frames: PollSender::new(sender) }, ChannelBody { frames: receiver, ended: None })
+}
+
+/// The same, and a receiver that fails if the body is dropped before its
+/// end: hyper drops a response body when the peer resets its stream, which an
+/// idle writer would otherwise notice only at its next write.
+pub fn channel_noticing_drop() -> (BodyWriter, ChannelBody, tokio::sync::oneshot::Receiver<()>) {
+    let (writer, mut body) = channel();
+    let (ended, notice) = tokio::sync::oneshot::channel();
+    body.ended = Some(ended);
+    (writer, body, notice)
 }
 
 impl BodyWriter {
@@ -190,6 +209,19 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(reader.read(&mut buf).await.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
         assert_eq!(reader.read(&mut buf).await.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_is_noticed() {
+        let (_writer, body, notice) = channel_noticing_drop();
+        drop(body);
+        assert!(notice.await.is_err(), "dropped unsent with the body");
+
+        let (mut writer, body, notice) = channel_noticing_drop();
+        writer.write_all(b"x").await.unwrap();
+        writer.shutdown().await.unwrap();
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
+        assert!(notice.await.is_ok(), "a body that ended is no reset");
     }
 
     #[tokio::test]

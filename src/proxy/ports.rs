@@ -213,8 +213,15 @@ impl PortForwards {
                 lifecycle.spawn(async move {
                     match upstream.open_tunnel(port).await {
                         Ok(mut remote) => {
-                            if let Err(error) = splice(&mut local, &mut remote).await {
-                                tracing::debug!(%peer, port, %error, "forwarded connection aborted");
+                            match splice(&mut local, &mut remote).await {
+                                // The agent's refusal shows on the first read.
+                                Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+                                    tracing::warn!(%peer, port, %error, "cannot forward a connection")
+                                }
+                                Err(error) => {
+                                    tracing::debug!(%peer, port, %error, "forwarded connection aborted")
+                                }
+                                Ok(_) => {}
                             }
                         }
                         Err(error) => tracing::warn!(%peer, port, %error, "cannot forward a connection"),

@@ -59,6 +59,13 @@ pub async fn handle(
             "CONNECT is not part of the Docker API; published ports are forwarded by offload itself",
         ));
     }
+    if request.uri().path().starts_with(crate::link::protocol::TUNNEL_PATH) {
+        // Like CONNECT: a local client must not dial the remote's loopback.
+        return Ok(error_response(
+            StatusCode::FORBIDDEN,
+            "offload's tunnels are its own; published ports are forwarded by offload itself",
+        ));
+    }
     if request.uri().path() == LOCAL_STATUS_PATH && request.method() == http::Method::GET {
         return Ok(local_status(&state));
     }
