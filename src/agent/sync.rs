@@ -462,6 +462,9 @@ fn events(mount: &Arc<RemoteMount>) -> Response<Body> {
     Response::new(bridge::receiver_body(receiver))
 }
 
+/// How long the watcher waits after a push before reading what it queued.
+const RESUME_AFTER_PUSH: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Follows one copy's changes until the mount stops.
 async fn watch_copy(
     mount: Arc<RemoteMount>,
@@ -479,7 +482,12 @@ async fn watch_copy(
         let batch = tokio::select! {
             _ = mount.stop.cancelled() => break,
             batch = watcher.wait(&tree), if !paused => batch,
-            _ = pushing.changed(), if paused => continue,
+            _ = pushing.changed(), if paused => {
+                // Reading a push's worth of queued events takes this thread a
+                // while: let the push's answer go out first.
+                tokio::time::sleep(RESUME_AFTER_PUSH).await;
+                continue;
+            }
             Some(done) = drain_requests.recv() => {
                 let mut batch = std::mem::take(&mut deferred);
                 if let Ok(drained) = watcher.drain(&tree) {
