@@ -19,12 +19,10 @@ mod common;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::fmt::Display;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -45,10 +43,11 @@ use common::engine::{
     Container,
 };
 use common::procfs::{load_average, process_tree, stat_fields};
-use common::stats::{bootstrap_interval, median, megabytes_per_sec, micros};
+use common::report::{Columns, Paired, Report, Row, Style, Target};
+use common::stats::{megabytes_per_sec, micros, Percentiles};
 use common::upload::{verify_upload, TarUpload};
-use common::{guarded_command, DOCKER_CLI};
-use common::{is_running, print_line, within, BoxError, Context, Result, API_HOST, DEFAULT_IMAGE};
+use common::{env_or, guarded_command, sections, DOCKER_CLI};
+use common::{is_running, within, BoxError, Context, Result, API_HOST, DEFAULT_IMAGE};
 
 /// Label on every container the bench creates; its value is the bench's pid, so a
 /// later run can tell leftovers of a killed run from containers of a live one.
@@ -147,7 +146,7 @@ impl Config {
             state_dir_flag,
             engine: PathBuf::from(env_or("OFFLOAD_LINK_BENCH_ENGINE", "/var/run/docker.sock".to_string())?),
             image: env_or("OFFLOAD_LINK_BENCH_IMAGE", DEFAULT_IMAGE.to_string())?,
-            sections: sections(args)?,
+            sections: sections(args, "OFFLOAD_LINK_BENCH_ONLY", &Section::ALL, Section::parse)?,
             rtt: Duration::from_millis(env_or("OFFLOAD_LINK_BENCH_RTT_MS", 20)?),
             ps_rounds: env_or("OFFLOAD_LINK_BENCH_PS_ROUNDS", 15)?,
             ps_warmup: env_or("OFFLOAD_LINK_BENCH_PS_WARMUP", 2)?,
@@ -195,33 +194,6 @@ impl Config {
     }
 }
 
-fn env_or<T: FromStr>(name: &str, default: T) -> Result<T>
-where
-    T::Err: Display,
-{
-    match std::env::var(name) {
-        Ok(text) => text.trim().parse().context(format!("{name}={text:?} is not valid")),
-        Err(_) => Ok(default),
-    }
-}
-
-/// Sections come from positional arguments (`cargo bench --bench link -- ps echo`) or
-/// `OFFLOAD_LINK_BENCH_ONLY=ps,echo`; all of them when neither is given.
-fn sections(args: &[String]) -> Result<Vec<Section>> {
-    let from_env = std::env::var("OFFLOAD_LINK_BENCH_ONLY").unwrap_or_default();
-    let names: Vec<&str> = args
-        .iter()
-        .filter(|arg| !arg.starts_with('-'))
-        .map(String::as_str)
-        .chain(from_env.split(',').map(str::trim))
-        .filter(|name| !name.is_empty())
-        .collect();
-    if names.is_empty() {
-        return Ok(Section::ALL.to_vec());
-    }
-    names.into_iter().map(Section::parse).collect()
-}
-
 // ---------------------------------------------------------------------------------
 // Entry point
 // ---------------------------------------------------------------------------------
@@ -248,9 +220,9 @@ fn main() -> ExitCode {
         .build()
         .expect("building a tokio runtime");
 
-    let mut report = Report::default();
+    let mut report = Report::new(REPORT_STYLE);
     let outcome = runtime.block_on(run_bounded(&config, &mut report));
-    report.print(&config);
+    report.print(&format!("offload link bench ({})", config.binary.display()));
     // Connection tasks of the null engine and of clients may still be parked.
     runtime.shutdown_timeout(Duration::from_secs(1));
     match outcome {
@@ -2013,57 +1985,6 @@ fn cpu_secs(roots: &[u32]) -> f64 {
 // Statistics
 // ---------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Default)]
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Percentiles {
-    /// Nearest-rank percentiles of durations in nanoseconds.
-    fn of(mut samples: Vec<u64>) -> Percentiles {
-        samples.sort_unstable();
-        let rank = |q: f64| {
-            let index = ((q * samples.len() as f64).ceil() as usize).saturating_sub(1);
-            samples.get(index).copied().unwrap_or(0) as f64
-        };
-        Percentiles { p50: rank(0.50), p99: rank(0.99), max: samples.last().copied().unwrap_or(0) as f64 }
-    }
-}
-
-/// One (baseline, figure) pair per measured round.
-#[derive(Default)]
-struct Paired {
-    rounds: Vec<[f64; 2]>,
-}
-
-impl Paired {
-    fn push(&mut self, baseline: f64, figure: f64) {
-        self.rounds.push([baseline, figure]);
-    }
-
-    fn median_baseline(&self) -> f64 {
-        median(self.rounds.iter().map(|r| r[0]).collect())
-    }
-
-    fn median_figure(&self) -> f64 {
-        median(self.rounds.iter().map(|r| r[1]).collect())
-    }
-
-    /// Median of per-round figure/baseline with a bootstrap 95 % interval.
-    fn ratio(&self) -> (f64, f64, f64) {
-        let ratios: Vec<f64> = self.rounds.iter().map(|[baseline, figure]| figure / baseline).collect();
-        let (low, high) = bootstrap_interval(&ratios);
-        (median(ratios), low, high)
-    }
-
-    /// Median of per-round figure − baseline.
-    fn median_difference(&self) -> f64 {
-        median(self.rounds.iter().map(|[baseline, figure]| figure - baseline).collect())
-    }
-}
-
 fn progress(what: &str, figures: String) {
     println!("    {what}: {figures}");
 }
@@ -2072,154 +1993,19 @@ fn progress(what: &str, figures: String) {
 // Report
 // ---------------------------------------------------------------------------------
 
-enum Target {
-    None,
-    /// Informational: shown, not checked.
-    Info(&'static str),
-    AtMost(f64),
-    AtLeast(f64),
-}
-
-struct Row {
-    metric: String,
-    figure: String,
-    baseline: String,
-    ratio: String,
-    target: String,
-    ok: Option<bool>,
-}
-
-#[derive(Default)]
-struct Report {
-    notes: Vec<String>,
-    rows: Vec<Row>,
-}
+const REPORT_STYLE: Style = Style {
+    columns: Columns::FigureBaseline,
+    marks: ["yes", "NO"],
+    ratio_digits: 2,
+    footnote: "ratios are figure/baseline: the median of per-round ratios, with a bootstrap 95% interval; \
+               figure and baseline columns are medians over rounds",
+};
 
 impl Report {
-    fn note(&mut self, note: String) {
-        println!("{note}");
-        self.notes.push(note);
-    }
-
-    fn row(&mut self, row: Row) {
-        println!(
-            "  {}: {} (baseline {}), ratio {}, target {}",
-            row.metric, row.figure, row.baseline, row.ratio, row.target
-        );
-        self.rows.push(row);
-    }
-
-    fn paired(&mut self, metric: &str, figures: &Paired, format: impl Fn(f64) -> String, target: Target) {
-        let (ratio, _, _) = figures.ratio();
-        let (target, ok) = match target {
-            Target::None => ("-".to_string(), None),
-            Target::Info(text) => (text.to_string(), None),
-            Target::AtMost(limit) => (format!("<= {limit:.2}"), Some(ratio <= limit)),
-            Target::AtLeast(limit) => (format!(">= {limit:.2}"), Some(ratio >= limit)),
-        };
-        self.paired_with(metric, figures, format, target, ok);
-    }
-
-    /// A paired row whose target is checked by the caller (an absolute bound).
-    fn paired_with(
-        &mut self,
-        metric: &str,
-        figures: &Paired,
-        format: impl Fn(f64) -> String,
-        target: String,
-        ok: Option<bool>,
-    ) {
-        let (ratio, low, high) = figures.ratio();
-        self.row(Row {
-            metric: metric.to_string(),
-            figure: format(figures.median_figure()),
-            baseline: format(figures.median_baseline()),
-            ratio: format!("{ratio:.2} [{low:.2}, {high:.2}]"),
-            target,
-            ok,
-        });
-    }
-
-    fn single(&mut self, metric: &str, value: String, target: &str, ok: Option<bool>) {
-        self.row(Row {
-            metric: metric.to_string(),
-            figure: value,
-            baseline: "-".to_string(),
-            ratio: "-".to_string(),
-            target: target.to_string(),
-            ok,
-        });
-    }
-
     fn rtt_row(&mut self, config: &Config, rtt: &RttFigures) {
-        let ms = |nanos: f64| nanos / 1e6;
-        let measured = ms(rtt.relay.p50);
-        let wanted = config.rtt.as_secs_f64() * 1e3;
-        // The relay's timers and this busy box add a little on top of the setting.
-        let ok = measured >= wanted && measured <= wanted + 5.0;
-        self.row(Row {
-            metric: format!("RTT through the delay relay, TCP ping-pong p50 / p99 (ms), set {wanted:.0}"),
-            figure: format!("{measured:.2} / {:.2}", ms(rtt.relay.p99)),
-            baseline: format!("{:.3} / {:.3}", ms(rtt.direct.p50), ms(rtt.direct.p99)),
-            ratio: "-".to_string(),
-            target: format!("{wanted:.0} .. {:.0}", wanted + 5.0),
-            ok: Some(ok),
-        });
+        let measured = self.relay_rtt(config.rtt, &rtt.relay, &rtt.direct);
         self.notes.push(format!(
             "RTT = {measured:.2} ms (measured p50 through the relay) in every RTT-based target below"
         ));
-    }
-
-    fn missed(&self) -> usize {
-        self.rows.iter().filter(|row| row.ok == Some(false)).count()
-    }
-
-    fn print(&self, config: &Config) {
-        let header = ["metric: figure vs baseline", "figure", "baseline", "ratio [95% CI]", "target", "ok?"];
-        let cells: Vec<[String; 6]> = self
-            .rows
-            .iter()
-            .map(|row| {
-                let ok = match row.ok {
-                    Some(true) => "yes",
-                    Some(false) => "NO",
-                    None => "",
-                };
-                [
-                    row.metric.clone(),
-                    row.figure.clone(),
-                    row.baseline.clone(),
-                    row.ratio.clone(),
-                    row.target.clone(),
-                    ok.to_string(),
-                ]
-            })
-            .collect();
-        let mut widths = header.map(|h| h.chars().count());
-        for row in &cells {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
-            }
-        }
-        println!("\n== offload link bench ({}) ==", config.binary.display());
-        for note in &self.notes {
-            println!("  {note}");
-        }
-        println!("  load average at the end: {}", load_average());
-        println!();
-        print_line(&header.map(str::to_string), &widths);
-        println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-"));
-        for row in &cells {
-            print_line(row, &widths);
-        }
-        let checked = self.rows.iter().filter(|row| row.ok.is_some()).count();
-        println!("\nsummary: {} of {checked} targets met", checked - self.missed());
-        for row in self.rows.iter().filter(|row| row.ok == Some(false)) {
-            println!("  missed: {} ({}, ratio {}, target {})", row.metric, row.figure, row.ratio, row.target);
-        }
-        println!(
-            "ratios are figure/baseline: the median of per-round ratios, with a bootstrap 95% interval; \
-             figure and baseline columns are medians over rounds"
-        );
     }
 }

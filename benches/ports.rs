@@ -30,11 +30,9 @@ mod common;
 #[path = "common/rig.rs"]
 mod rig;
 
-use std::fmt::Display;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -46,8 +44,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 use common::engine::{api_expect, api_json, remove_container_blocking, ApiClient, Container};
 use common::procfs::{load_average, process_tree, stat_fields};
-use common::stats::{bootstrap_interval, median, megabytes_per_sec, WyRand};
-use common::{guarded_command, is_running, print_line, within, BoxError, Context, Result, DEFAULT_IMAGE};
+use common::report::{Columns, Paired, Report, Style, Target};
+use common::stats::{median, megabytes_per_sec, Percentiles, WyRand};
+use common::{
+    env_or, guarded_command, is_running, sections, within, BoxError, Context, Result, DEFAULT_IMAGE,
+};
 use rig::{Daemon, Sshd};
 
 /// Label on every container the bench creates; its value is the bench's pid.
@@ -141,7 +142,7 @@ impl Config {
             binary,
             engine: PathBuf::from(env_or("OFFLOAD_PORTS_BENCH_ENGINE", "/var/run/docker.sock".to_string())?),
             image: env_or("OFFLOAD_PORTS_BENCH_IMAGE", DEFAULT_IMAGE.to_string())?,
-            sections: sections(args)?,
+            sections: sections(args, "OFFLOAD_PORTS_BENCH_ONLY", &Section::ALL, Section::parse)?,
             rtt: Duration::from_millis(env_or("OFFLOAD_PORTS_BENCH_RTT_MS", 20)?),
             mib: env_or("OFFLOAD_PORTS_BENCH_MIB", 512)?,
             rounds: env_or("OFFLOAD_PORTS_BENCH_ROUNDS", 5)?,
@@ -173,33 +174,6 @@ impl Config {
     }
 }
 
-fn env_or<T: FromStr>(name: &str, default: T) -> Result<T>
-where
-    T::Err: Display,
-{
-    match std::env::var(name) {
-        Ok(text) => text.trim().parse().context(format!("{name}={text:?} is not valid")),
-        Err(_) => Ok(default),
-    }
-}
-
-/// Sections come from positional arguments (`cargo bench --bench ports -- idle`) or
-/// `OFFLOAD_PORTS_BENCH_ONLY=idle,throughput`; all of them when neither is given.
-fn sections(args: &[String]) -> Result<Vec<Section>> {
-    let from_env = std::env::var("OFFLOAD_PORTS_BENCH_ONLY").unwrap_or_default();
-    let names: Vec<&str> = args
-        .iter()
-        .filter(|arg| !arg.starts_with('-'))
-        .map(String::as_str)
-        .chain(from_env.split(',').map(str::trim))
-        .filter(|name| !name.is_empty())
-        .collect();
-    if names.is_empty() {
-        return Ok(Section::ALL.to_vec());
-    }
-    names.into_iter().map(Section::parse).collect()
-}
-
 // ---------------------------------------------------------------------------------
 // Entry point
 // ---------------------------------------------------------------------------------
@@ -226,9 +200,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut report = Report::default();
+    let mut report = Report::new(REPORT_STYLE);
     let outcome = runtime.block_on(run_bounded(&config, &mut report));
-    report.print(&config);
+    report.print(&format!("offload ports bench ({})", config.binary.display()));
     runtime.shutdown_timeout(Duration::from_secs(1));
     match outcome {
         Err(err) => {
@@ -1263,218 +1237,23 @@ fn sweep_temp_dirs() {
 // Statistics
 // ---------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Default)]
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-}
-
-impl Percentiles {
-    /// Nearest-rank percentiles of durations in nanoseconds.
-    fn of(mut samples: Vec<u64>) -> Percentiles {
-        samples.sort_unstable();
-        let rank = |q: f64| {
-            let index = ((q * samples.len() as f64).ceil() as usize).saturating_sub(1);
-            samples.get(index).copied().unwrap_or(0) as f64
-        };
-        Percentiles { p50: rank(0.50), p99: rank(0.99) }
-    }
-}
-
-/// One (baseline, figure) pair per measured round.
-#[derive(Default)]
-struct Paired {
-    rounds: Vec<[f64; 2]>,
-}
-
-impl Paired {
-    fn push(&mut self, baseline: f64, figure: f64) {
-        self.rounds.push([baseline, figure]);
-    }
-
-    fn median_baseline(&self) -> f64 {
-        median(self.rounds.iter().map(|r| r[0]).collect())
-    }
-
-    fn median_figure(&self) -> f64 {
-        median(self.rounds.iter().map(|r| r[1]).collect())
-    }
-
-    /// Median of per-round figure/baseline with a bootstrap 95 % interval.
-    fn ratio(&self) -> (f64, f64, f64) {
-        let ratios: Vec<f64> = self.rounds.iter().map(|[baseline, figure]| figure / baseline).collect();
-        let (low, high) = bootstrap_interval(&ratios);
-        (median(ratios), low, high)
-    }
-
-    /// Median of per-round figure − baseline with a bootstrap 95 % interval.
-    fn difference(&self) -> (f64, f64, f64) {
-        let differences: Vec<f64> = self.rounds.iter().map(|[baseline, figure]| figure - baseline).collect();
-        let (low, high) = bootstrap_interval(&differences);
-        (median(differences), low, high)
-    }
-
-    fn median_difference(&self) -> f64 {
-        self.difference().0
-    }
-}
-
 // ---------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------
 
-enum Target {
-    /// Informational: shown, not checked.
-    Info(&'static str),
-    AtLeast(f64),
-}
-
-struct Row {
-    metric: String,
-    figure: String,
-    baseline: String,
-    ratio: String,
-    target: String,
-    ok: Option<bool>,
-}
-
-#[derive(Default)]
-struct Report {
-    notes: Vec<String>,
-    rows: Vec<Row>,
-}
+const REPORT_STYLE: Style = Style {
+    columns: Columns::FigureBaseline,
+    marks: ["PASS", "MISS"],
+    ratio_digits: 2,
+    footnote: "ratios are figure/baseline (first-byte rows: figure - baseline): the median of per-round \
+               values, with a bootstrap 95% interval; figure and baseline columns are medians over rounds",
+};
 
 impl Report {
-    fn note(&mut self, note: String) {
-        println!("{note}");
-        self.notes.push(note);
-    }
-
-    fn row(&mut self, row: Row) {
-        println!(
-            "  {}: {} (baseline {}), ratio {}, target {}",
-            row.metric, row.figure, row.baseline, row.ratio, row.target
-        );
-        self.rows.push(row);
-    }
-
-    fn paired(&mut self, metric: &str, figures: &Paired, format: impl Fn(f64) -> String, target: Target) {
-        let (ratio, low, high) = figures.ratio();
-        let (target, ok) = match target {
-            Target::Info(text) => (text.to_string(), None),
-            Target::AtLeast(limit) => (format!(">= {limit:.2}"), Some(ratio >= limit)),
-        };
-        self.row(Row {
-            metric: metric.to_string(),
-            figure: format(figures.median_figure()),
-            baseline: format(figures.median_baseline()),
-            ratio: format!("{ratio:.2} [{low:.2}, {high:.2}]"),
-            target,
-            ok,
-        });
-    }
-
-    /// A paired row whose ratio column shows the per-round difference instead (the
-    /// caller checks the target on it).
-    fn paired_difference(
-        &mut self,
-        metric: &str,
-        figures: &Paired,
-        format: impl Fn(f64) -> String,
-        target: String,
-        ok: Option<bool>,
-    ) {
-        let (difference, low, high) = figures.difference();
-        self.row(Row {
-            metric: metric.to_string(),
-            figure: format(figures.median_figure()),
-            baseline: format(figures.median_baseline()),
-            ratio: format!("{difference:+.2} ms [{low:+.2}, {high:+.2}]"),
-            target,
-            ok,
-        });
-    }
-
-    fn single(&mut self, metric: &str, value: String, target: &str, ok: Option<bool>) {
-        self.row(Row {
-            metric: metric.to_string(),
-            figure: value,
-            baseline: "-".to_string(),
-            ratio: "-".to_string(),
-            target: target.to_string(),
-            ok,
-        });
-    }
-
     fn rtt_row(&mut self, config: &Config, rtt: &RttFigures) {
-        let ms = |nanos: f64| nanos / 1e6;
-        let measured = ms(rtt.relay.p50);
-        let wanted = config.rtt.as_secs_f64() * 1e3;
-        // The relay's timers and this busy box add a little on top of the setting.
-        let ok = measured >= wanted && measured <= wanted + 5.0;
-        self.row(Row {
-            metric: format!("RTT through the delay relay, TCP ping-pong p50 / p99 (ms), set {wanted:.0}"),
-            figure: format!("{measured:.2} / {:.2}", ms(rtt.relay.p99)),
-            baseline: format!("{:.3} / {:.3}", ms(rtt.direct.p50), ms(rtt.direct.p99)),
-            ratio: "-".to_string(),
-            target: format!("{wanted:.0} .. {:.0}", wanted + 5.0),
-            ok: Some(ok),
-        });
+        let measured = self.relay_rtt(config.rtt, &rtt.relay, &rtt.direct);
         self.notes.push(format!(
             "RTT = {measured:.2} ms (measured p50 through the relay) in the first-byte target below"
         ));
-    }
-
-    fn missed(&self) -> usize {
-        self.rows.iter().filter(|row| row.ok == Some(false)).count()
-    }
-
-    fn print(&self, config: &Config) {
-        let header = ["metric: figure vs baseline", "figure", "baseline", "ratio [95% CI]", "target", "ok?"];
-        let cells: Vec<[String; 6]> = self
-            .rows
-            .iter()
-            .map(|row| {
-                let ok = match row.ok {
-                    Some(true) => "PASS",
-                    Some(false) => "MISS",
-                    None => "",
-                };
-                [
-                    row.metric.clone(),
-                    row.figure.clone(),
-                    row.baseline.clone(),
-                    row.ratio.clone(),
-                    row.target.clone(),
-                    ok.to_string(),
-                ]
-            })
-            .collect();
-        let mut widths = header.map(|h| h.chars().count());
-        for row in &cells {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
-            }
-        }
-        println!("\n== offload ports bench ({}) ==", config.binary.display());
-        for note in &self.notes {
-            println!("  {note}");
-        }
-        println!("  load average at the end: {}", load_average());
-        println!();
-        print_line(&header.map(str::to_string), &widths);
-        println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-"));
-        for row in &cells {
-            print_line(row, &widths);
-        }
-        let checked = self.rows.iter().filter(|row| row.ok.is_some()).count();
-        println!("\nsummary: {} of {checked} targets met", checked - self.missed());
-        for row in self.rows.iter().filter(|row| row.ok == Some(false)) {
-            println!("  missed: {} ({}, ratio {}, target {})", row.metric, row.figure, row.ratio, row.target);
-        }
-        println!(
-            "ratios are figure/baseline (first-byte rows: figure - baseline): the median of per-round \
-             values, with a bootstrap 95% interval; figure and baseline columns are medians over rounds"
-        );
     }
 }

@@ -10,11 +10,9 @@
 
 mod common;
 
-use std::fmt::Display;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,9 +28,10 @@ use common::engine::{
     Container,
 };
 use common::procfs::{load_average, process_tree, stat_fields};
-use common::stats::{bootstrap_interval, median, megabytes_per_sec, micros};
+use common::report::{Columns, Paired, Report, Row, Style, Target};
+use common::stats::{megabytes_per_sec, micros, Percentiles};
 use common::upload::{verify_upload, TarUpload};
-use common::{is_running, print_line, within, Context, Result, API_HOST, DEFAULT_IMAGE};
+use common::{env_or, is_running, sections, within, Context, Result, API_HOST, DEFAULT_IMAGE};
 
 /// Label put on every container the bench creates; its value is the bench's pid, so
 /// a later run can tell leftovers of a killed run from containers of a live one.
@@ -115,7 +114,7 @@ impl Config {
             engine: PathBuf::from(env_or("OFFLOAD_BENCH_ENGINE", "/var/run/docker.sock".to_string())?),
             image: env_or("OFFLOAD_BENCH_IMAGE", DEFAULT_IMAGE.to_string())?,
             proxy: proxy_kind()?,
-            sections: sections(args)?,
+            sections: sections(args, "OFFLOAD_BENCH_ONLY", &Section::ALL, Section::parse)?,
             rounds: env_or("OFFLOAD_BENCH_ROUNDS", 6)?,
             warmup_rounds: env_or("OFFLOAD_BENCH_WARMUP_ROUNDS", 1)?,
             requests: env_or("OFFLOAD_BENCH_REQUESTS", 2000)?,
@@ -164,16 +163,6 @@ impl Config {
     }
 }
 
-fn env_or<T: FromStr>(name: &str, default: T) -> Result<T>
-where
-    T::Err: Display,
-{
-    match std::env::var(name) {
-        Ok(text) => text.trim().parse().context(format!("{name}={text:?} is not valid")),
-        Err(_) => Ok(default),
-    }
-}
-
 fn proxy_kind() -> Result<ProxyKind> {
     let choice = std::env::var("OFFLOAD_BENCH_PROXY").unwrap_or_default();
     Ok(match choice.as_str() {
@@ -183,23 +172,6 @@ fn proxy_kind() -> Result<ProxyKind> {
         // example a release build of another branch.
         path => ProxyKind::Offload(PathBuf::from(path)),
     })
-}
-
-/// Sections come from positional arguments (`cargo bench --bench proxy -- latency`)
-/// or `OFFLOAD_BENCH_ONLY=latency,bulk`; all of them when neither is given.
-fn sections(args: &[String]) -> Result<Vec<Section>> {
-    let from_env = std::env::var("OFFLOAD_BENCH_ONLY").unwrap_or_default();
-    let names: Vec<&str> = args
-        .iter()
-        .filter(|arg| !arg.starts_with('-'))
-        .map(String::as_str)
-        .chain(from_env.split(',').map(str::trim))
-        .filter(|name| !name.is_empty())
-        .collect();
-    if names.is_empty() {
-        return Ok(Section::ALL.to_vec());
-    }
-    names.into_iter().map(Section::parse).collect()
 }
 
 // ---------------------------------------------------------------------------------
@@ -224,9 +196,9 @@ fn main() -> ExitCode {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building a tokio runtime");
 
-    let mut report = Report::default();
+    let mut report = Report::new(REPORT_STYLE);
     let outcome = runtime.block_on(run_bounded(&config, &mut report));
-    report.print(&config);
+    report.print(&format!("offload proxy bench: {}", config.proxy_label()));
     match outcome {
         Err(err) => {
             eprintln!("\nproxy bench FAILED: {err}");
@@ -285,8 +257,8 @@ async fn run(config: &Config, report: &mut Report) -> Result<()> {
             None => err,
         });
     }
-    report.offload_only("proxy RSS at the end (MiB)", mib(tree_rss_kib(proxy.pid())), "-", None);
-    report.offload_only(
+    report.single("proxy RSS at the end (MiB)", mib(tree_rss_kib(proxy.pid())), "-", None);
+    report.single(
         "proxy peak RSS, VmHWM (MiB)",
         mib(status_kib(proxy.pid(), "VmHWM").unwrap_or(0)),
         "-",
@@ -375,7 +347,7 @@ async fn idle_rss(sockets: &Sockets, proxy: &ProxyProcess, report: &mut Report) 
     drop(client);
     tokio::time::sleep(SETTLE / 4).await;
     let rss = tree_rss_kib(proxy.pid());
-    report.offload_only("proxy idle RSS (MiB)", mib(rss), "<= 10", Some(rss <= 10 * 1024));
+    report.single("proxy idle RSS (MiB)", mib(rss), "<= 10", Some(rss <= 10 * 1024));
     Ok(())
 }
 
@@ -428,24 +400,6 @@ async fn latency_phase(config: &Config, sockets: &Sockets, report: &mut Report) 
     Ok(())
 }
 
-#[derive(Clone, Copy, Default)]
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-}
-
-impl Percentiles {
-    /// Nearest-rank percentiles of durations in nanoseconds.
-    fn of(mut samples: Vec<u64>) -> Percentiles {
-        samples.sort_unstable();
-        let rank = |q: f64| {
-            let index = ((q * samples.len() as f64).ceil() as usize).saturating_sub(1);
-            samples.get(index).copied().unwrap_or(0) as f64
-        };
-        Percentiles { p50: rank(0.50), p99: rank(0.99) }
-    }
-}
-
 // ---------------------------------------------------------------------------------
 // Phase: stream throughput (logs)
 // ---------------------------------------------------------------------------------
@@ -485,7 +439,7 @@ async fn logs_phase(
         }
     }
     report.paired("logs follow, stopped container (MB/s)", &rates, |v| format!("{v:.1}"), Target::None);
-    report.offload_only(
+    report.single(
         "proxy CPU during logs (CPU-s per GB)",
         format!("{:.2}", proxy_cpu / (proxied_bytes as f64 / 1e9)),
         "-",
@@ -604,7 +558,7 @@ async fn bulk_phase(
         progress(&format!("bulk round {}", round + 1), format!("{:.0} / {:.0} MB/s", rate[0], rate[1]));
     }
     report.paired("archive PUT upload, chunked (MB/s)", &rates, |v| format!("{v:.0}"), Target::AtLeast(0.9));
-    report.offload_only(
+    report.single(
         "proxy CPU during upload (CPU-s per GB)",
         format!("{:.2}", proxy_cpu / (proxied_bytes as f64 / 1e9)),
         "-",
@@ -702,19 +656,19 @@ async fn hijack_phase(
     let rss_after = tree_rss_kib(proxy.pid());
 
     let per_stream = (rss_with as f64 - rss_before as f64) / config.streams as f64;
-    report.offload_only(
+    report.single(
         &format!("proxy RSS per idle attach stream, n={} (KiB)", config.streams),
         format!("{per_stream:.1}"),
         "<= 16",
         Some(per_stream <= 16.0),
     );
-    report.offload_only(
+    report.single(
         "proxy RSS before / with streams / after close (MiB)",
         format!("{} / {} / {}", mib(rss_before), mib(rss_with), mib(rss_after)),
         "-",
         None,
     );
-    report.offload_only(
+    report.single(
         "proxy open fds before / with streams / after close",
         format!("{fds_before} / {fds_with} / {fds_after}"),
         "after = before",
@@ -723,8 +677,8 @@ async fn hijack_phase(
     let [direct, offload] = setup.map(Percentiles::of);
     report.row(Row {
         metric: "attach setup to 101, p50 (µs)".to_string(),
-        direct: micros(direct.p50),
-        offload: micros(offload.p50),
+        baseline: micros(direct.p50),
+        figure: micros(offload.p50),
         ratio: format!("{:.2}", offload.p50 / direct.p50),
         target: "-".to_string(),
         ok: None,
@@ -1061,30 +1015,6 @@ fn tree_cpu_secs(root: u32) -> f64 {
 // Statistics
 // ---------------------------------------------------------------------------------
 
-/// One figure per variant per measured round.
-#[derive(Default)]
-struct Paired {
-    rounds: Vec<[f64; 2]>,
-}
-
-impl Paired {
-    fn push(&mut self, direct: f64, offload: f64) {
-        self.rounds.push([direct, offload]);
-    }
-
-    fn median(&self, variant: Variant) -> f64 {
-        median(self.rounds.iter().map(|round| round[variant.index()]).collect())
-    }
-
-    /// Median of the per-round ratios offload/direct with a bootstrap 95 % interval:
-    /// pairing by round cancels drift that hits both variants of a round alike.
-    fn ratio(&self) -> (f64, f64, f64) {
-        let ratios: Vec<f64> = self.rounds.iter().map(|[direct, offload]| offload / direct).collect();
-        let (low, high) = bootstrap_interval(&ratios);
-        (median(ratios), low, high)
-    }
-}
-
 /// Prints one round's figures (direct / offload) as it ends, so that noise is visible.
 fn progress(what: &str, direct_slash_offload: String) {
     println!("    {what}: direct / offload = {direct_slash_offload}");
@@ -1105,71 +1035,18 @@ fn variant_name(variant: Variant) -> &'static str {
 // Report
 // ---------------------------------------------------------------------------------
 
-enum Target {
-    None,
-    AtMost(f64),
-    AtLeast(f64),
-}
-
-struct Row {
-    metric: String,
-    direct: String,
-    offload: String,
-    ratio: String,
-    target: String,
-    ok: Option<bool>,
-}
-
-#[derive(Default)]
-struct Report {
-    notes: Vec<String>,
-    rows: Vec<Row>,
-}
+const REPORT_STYLE: Style = Style {
+    columns: Columns::DirectOffload,
+    marks: ["yes", "NO"],
+    ratio_digits: 2,
+    footnote: "ratios are offload/direct: the median of per-round ratios, \
+               with a bootstrap 95% interval",
+};
 
 impl Report {
-    fn note(&mut self, note: String) {
-        println!("{note}");
-        self.notes.push(note);
-    }
-
-    /// Rows are printed as they come, so a long run shows progress, and again as a
-    /// table at the end.
-    fn row(&mut self, row: Row) {
-        println!("  {}: direct {}, offload {}, ratio {}", row.metric, row.direct, row.offload, row.ratio);
-        self.rows.push(row);
-    }
-
-    fn paired(&mut self, metric: &str, figures: &Paired, format: impl Fn(f64) -> String, target: Target) {
-        let (ratio, low, high) = figures.ratio();
-        let (target, ok) = match target {
-            Target::None => ("-".to_string(), None),
-            Target::AtMost(limit) => (format!("<= {limit:.2}"), Some(ratio <= limit)),
-            Target::AtLeast(limit) => (format!(">= {limit:.2}"), Some(ratio >= limit)),
-        };
-        self.row(Row {
-            metric: metric.to_string(),
-            direct: format(figures.median(Variant::Direct)),
-            offload: format(figures.median(Variant::Offload)),
-            ratio: format!("{ratio:.2} [{low:.2}, {high:.2}]"),
-            target,
-            ok,
-        });
-    }
-
-    fn offload_only(&mut self, metric: &str, value: String, target: &str, ok: Option<bool>) {
-        self.row(Row {
-            metric: metric.to_string(),
-            direct: "-".to_string(),
-            offload: value,
-            ratio: "-".to_string(),
-            target: target.to_string(),
-            ok,
-        });
-    }
-
     fn socket_mode(&mut self, socket: &Path) -> Result<()> {
         let mode = std::fs::metadata(socket).context("proxy socket")?.permissions().mode() & 0o777;
-        self.offload_only("proxy socket mode", format!("{mode:04o}"), "0600", Some(mode == 0o600));
+        self.single("proxy socket mode", format!("{mode:04o}"), "0600", Some(mode == 0o600));
         Ok(())
     }
 
@@ -1179,62 +1056,6 @@ impl Report {
             Ok((took, status)) => (format!("{status} after {} ms, {removed}", took.as_millis()), true),
             Err(err) => (err.to_string(), false),
         };
-        self.offload_only("proxy stop on SIGTERM", value, "exits", Some(ok));
-    }
-
-    fn missed(&self) -> usize {
-        self.rows.iter().filter(|row| row.ok == Some(false)).count()
-    }
-
-    fn print(&self, config: &Config) {
-        let header = ["metric", "direct", "offload", "ratio [95% CI]", "target", "ok?"];
-        let cells: Vec<[String; 6]> = self
-            .rows
-            .iter()
-            .map(|row| {
-                let ok = match row.ok {
-                    Some(true) => "yes",
-                    Some(false) => "NO",
-                    None => "",
-                };
-                [
-                    row.metric.clone(),
-                    row.direct.clone(),
-                    row.offload.clone(),
-                    row.ratio.clone(),
-                    row.target.clone(),
-                    ok.to_string(),
-                ]
-            })
-            .collect();
-        let mut widths = header.map(|h| h.chars().count());
-        for row in &cells {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
-            }
-        }
-        println!("\n== offload proxy bench: {} ==", config.proxy_label());
-        for note in &self.notes {
-            println!("  {note}");
-        }
-        println!("  load average at the end: {}", load_average());
-        println!();
-        print_line(&header.map(str::to_string), &widths);
-        println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-"));
-        for row in &cells {
-            print_line(row, &widths);
-        }
-        let checked = self.rows.iter().filter(|row| row.ok.is_some()).count();
-        println!("\nsummary: {} of {checked} targets met", checked - self.missed());
-        for row in self.rows.iter().filter(|row| row.ok == Some(false)) {
-            println!(
-                "  missed: {} (offload {}, ratio {}, target {})",
-                row.metric, row.offload, row.ratio, row.target
-            );
-        }
-        println!(
-            "ratios are offload/direct: the median of per-round ratios, \
-             with a bootstrap 95% interval"
-        );
+        self.single("proxy stop on SIGTERM", value, "exits", Some(ok));
     }
 }

@@ -1,6 +1,7 @@
 //! Code shared by the three benchmarks (`proxy`, `link`, `soak`): errors with
 //! context, time bounds, Engine API requests over a unix socket, container guards,
-//! the streamed random tar upload, statistics and /proc readings.
+//! the streamed random tar upload, statistics, the result table (`report`) and /proc
+//! readings.
 //!
 //! Each bench includes this with `mod common;`. This is a directory with `mod.rs`, so
 //! cargo does not take it for a bench target of its own.
@@ -12,6 +13,7 @@
 
 pub mod engine;
 pub mod procfs;
+pub mod report;
 pub mod stats;
 pub mod upload;
 
@@ -20,6 +22,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::path::Path;
 use std::process::Command;
+use std::str::FromStr;
 use std::time::Duration;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -36,6 +39,40 @@ impl<T, E: Display> Context<T> for std::result::Result<T, E> {
     fn context(self, what: impl Display) -> Result<T> {
         self.map_err(|err| format!("{what}: {err}").into())
     }
+}
+
+/// The value of the environment variable `name`, parsed, or `default` when it is unset.
+pub fn env_or<T: FromStr>(name: &str, default: T) -> Result<T>
+where
+    T::Err: Display,
+{
+    match std::env::var(name) {
+        Ok(text) => text.trim().parse().context(format!("{name}={text:?} is not valid")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// The sections to run: from positional arguments (`cargo bench --bench link -- ps
+/// echo`) or the comma-separated list in the variable `only` (`OFFLOAD_LINK_BENCH_ONLY=ps,echo`);
+/// `all` when neither is given.
+pub fn sections<S: Copy>(
+    args: &[String],
+    only: &str,
+    all: &[S],
+    parse: fn(&str) -> Result<S>,
+) -> Result<Vec<S>> {
+    let from_env = std::env::var(only).unwrap_or_default();
+    let names: Vec<&str> = args
+        .iter()
+        .filter(|arg| !arg.starts_with('-'))
+        .map(String::as_str)
+        .chain(from_env.split(',').map(str::trim))
+        .filter(|name| !name.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Ok(all.to_vec());
+    }
+    names.into_iter().map(parse).collect()
 }
 
 /// Host header for every request: the engine ignores it, but HTTP/1.1 (and Go's

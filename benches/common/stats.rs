@@ -64,3 +64,28 @@ pub fn megabytes_per_sec(bytes: u64, elapsed: Duration) -> f64 {
 pub fn micros(nanos: f64) -> String {
     format!("{:.1}", nanos / 1000.0)
 }
+
+/// Nearest-rank percentiles of durations in nanoseconds.
+#[derive(Clone, Copy, Default)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut samples: Vec<u64>) -> Percentiles {
+        samples.sort_unstable();
+        let rank = |q: f64| {
+            let index = ((q * samples.len() as f64).ceil() as usize).saturating_sub(1);
+            samples.get(index).copied().unwrap_or(0) as f64
+        };
+        Percentiles {
+            p50: rank(0.50),
+            p95: rank(0.95),
+            p99: rank(0.99),
+            max: samples.last().copied().unwrap_or(0) as f64,
+        }
+    }
+}
