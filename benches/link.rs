@@ -15,6 +15,9 @@
 #[path = "../tests/support/delay.rs"]
 mod delay;
 
+#[path = "common/relay.rs"]
+mod relay;
+
 mod common;
 
 use std::collections::VecDeque;
@@ -36,7 +39,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
 
 use common::engine::{
     api_expect, api_json, expect_status, open_connection, remove_container_blocking, request, ApiClient,
@@ -47,7 +50,8 @@ use common::report::{Columns, Paired, Report, Row, Style, Target};
 use common::stats::{megabytes_per_sec, micros, Percentiles};
 use common::upload::{verify_upload, TarUpload};
 use common::{env_or, guarded_command, sections, DOCKER_CLI};
-use common::{is_running, within, BoxError, Context, Result, API_HOST, DEFAULT_IMAGE};
+use common::{is_running, within, Context, Result, API_HOST, DEFAULT_IMAGE};
+use relay::{measure_rtt, start_relay, RttFigures};
 
 /// Label on every container the bench creates; its value is the bench's pid, so a
 /// later run can tell leftovers of a killed run from containers of a live one.
@@ -496,13 +500,6 @@ fn make_certs(binary: &Path, dir: &Path) -> Result<()> {
         .into());
     }
     Ok(())
-}
-
-/// The relay builds its own runtime, which cannot happen on a runtime thread.
-fn start_relay(target: SocketAddr, rtt: Duration) -> Result<DelayRelay> {
-    std::thread::spawn(move || DelayRelay::start(target, rtt))
-        .join()
-        .map_err(|_| "starting the delay relay panicked".into())
 }
 
 /// A long-running child process of the bench (agent, proxy, ssh, sshd); stopped with
@@ -1094,58 +1091,6 @@ async fn null_answer(
         )
     };
     Ok(response)
-}
-
-// ---------------------------------------------------------------------------------
-// Round trip through the delay relay
-// ---------------------------------------------------------------------------------
-
-struct RttFigures {
-    relay: Percentiles,
-    direct: Percentiles,
-}
-
-/// 1-byte TCP ping-pong to an echo server, through a relay identical to the ones in
-/// front of the agent and sshd, and directly; 50 samples each after 5 warm-ups.
-async fn measure_rtt(rtt: Duration) -> Result<RttFigures> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the echo server")?;
-    let echo_addr = listener.local_addr().context("echo server address")?;
-    let server = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = stream.read(&mut buf).await {
-                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    let relay = start_relay(echo_addr, rtt)?;
-    let ping_pong = |addr: SocketAddr| async move {
-        let mut stream = TcpStream::connect(addr).await.context("connecting for the ping-pong")?;
-        stream.set_nodelay(true).context("nodelay")?;
-        let mut samples = Vec::new();
-        for i in 0..55 {
-            let started = Instant::now();
-            stream.write_all(&[i as u8]).await.context("ping")?;
-            let mut byte = [0u8; 1];
-            stream.read_exact(&mut byte).await.context("pong")?;
-            if i >= 5 {
-                samples.push(started.elapsed().as_nanos() as u64);
-            }
-        }
-        Ok::<_, BoxError>(Percentiles::of(samples))
-    };
-    let measured = within(Duration::from_secs(30), "RTT ping-pong", async {
-        Ok(RttFigures { relay: ping_pong(relay.addr).await?, direct: ping_pong(echo_addr).await? })
-    })
-    .await;
-    server.abort();
-    drop(relay);
-    measured
 }
 
 // ---------------------------------------------------------------------------------

@@ -25,6 +25,9 @@
 #[path = "../tests/support/delay.rs"]
 mod delay;
 
+#[path = "common/relay.rs"]
+mod relay;
+
 mod common;
 
 #[path = "common/rig.rs"]
@@ -40,15 +43,14 @@ use delay::DelayRelay;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use common::engine::{api_expect, api_json, remove_container_blocking, ApiClient, Container};
 use common::procfs::{load_average, process_tree, stat_fields};
 use common::report::{Columns, Paired, Report, Style, Target};
-use common::stats::{median, megabytes_per_sec, Percentiles, WyRand};
-use common::{
-    env_or, guarded_command, is_running, sections, within, BoxError, Context, Result, DEFAULT_IMAGE,
-};
+use common::stats::{median, megabytes_per_sec, WyRand};
+use common::{env_or, guarded_command, is_running, sections, within, Context, Result, DEFAULT_IMAGE};
+use relay::{measure_rtt, start_relay, RttFigures};
 use rig::{Daemon, Sshd};
 
 /// Label on every container the bench creates; its value is the bench's pid.
@@ -624,13 +626,6 @@ async fn start_proxy(
     }
 }
 
-/// The relay builds its own runtime, which cannot happen on a runtime thread.
-fn start_relay(target: SocketAddr, rtt: Duration) -> Result<DelayRelay> {
-    std::thread::spawn(move || DelayRelay::start(target, rtt))
-        .join()
-        .map_err(|_| "starting the delay relay panicked".into())
-}
-
 /// A free loopback port, learned by binding and letting go.
 fn free_port() -> Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -931,54 +926,6 @@ async fn first_byte(addr: SocketAddr) -> Result<Duration> {
     stream.set_nodelay(true).context("nodelay")?;
     echo_once(&mut stream, b'x').await?;
     Ok(started.elapsed())
-}
-
-struct RttFigures {
-    relay: Percentiles,
-    direct: Percentiles,
-}
-
-/// 1-byte TCP ping-pong to an echo server, through a relay identical to the one in
-/// front of the agent, and directly; 50 samples each after 5 warm-ups.
-async fn measure_rtt(rtt: Duration) -> Result<RttFigures> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the echo server")?;
-    let echo_addr = listener.local_addr().context("echo server address")?;
-    let server = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = stream.read(&mut buf).await {
-                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    let relay = start_relay(echo_addr, rtt)?;
-    let ping_pong = |addr: SocketAddr| async move {
-        let mut stream = TcpStream::connect(addr).await.context("connecting for the ping-pong")?;
-        stream.set_nodelay(true).context("nodelay")?;
-        let mut samples = Vec::new();
-        for i in 0..55 {
-            let started = Instant::now();
-            stream.write_all(&[i as u8]).await.context("ping")?;
-            let mut byte = [0u8; 1];
-            stream.read_exact(&mut byte).await.context("pong")?;
-            if i >= 5 {
-                samples.push(started.elapsed().as_nanos() as u64);
-            }
-        }
-        Ok::<_, BoxError>(Percentiles::of(samples))
-    };
-    let measured = within(Duration::from_secs(30), "RTT ping-pong", async {
-        Ok(RttFigures { relay: ping_pong(relay.addr).await?, direct: ping_pong(echo_addr).await? })
-    })
-    .await;
-    server.abort();
-    drop(relay);
-    measured
 }
 
 // ---------------------------------------------------------------------------------
