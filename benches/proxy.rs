@@ -24,8 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use common::engine::{
-    api_expect, api_json, expect_status, open_connection, remove_container_blocking, request, ApiClient,
-    Container,
+    api_expect, ensure_image, expect_status, open_connection, request, sweep_leftovers, ApiClient, Container,
 };
 use common::procfs::{load_average, process_tree, stat_fields};
 use common::report::{Columns, Paired, Report, Row, Style, Target};
@@ -235,7 +234,7 @@ async fn run(config: &Config, report: &mut Report) -> Result<()> {
     let engine = config.engine.clone();
     describe_engine(&engine, report).await?;
     ensure_image(&engine, &config.image).await?;
-    sweep_leftovers(&engine).await?;
+    sweep_leftovers(&engine, LABEL, "bench").await?;
     sweep_temp_dirs();
 
     // Declared before the proxy so that it is dropped after it: the socket lives here.
@@ -761,42 +760,6 @@ async fn describe_engine(engine: &Path, report: &mut Report) -> Result<()> {
         version["ApiVersion"].as_str().unwrap_or("?"),
         engine.display()
     ));
-    Ok(())
-}
-
-/// Builds the test image with the project's fixture script if it is the default one
-/// and missing; any other image must exist.
-async fn ensure_image(engine: &Path, image: &str) -> Result<()> {
-    let (status, _) = api_json(engine, Method::GET, &format!("/images/{image}/json"), None).await?;
-    if status == StatusCode::OK {
-        return Ok(());
-    }
-    if image != DEFAULT_IMAGE {
-        return Err(format!("image {image} not found on the engine").into());
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/build-images.sh");
-    let status = Command::new(script)
-        .env("OFFLOAD_TEST_ENGINE", format!("unix://{}", engine.display()))
-        .status()
-        .context(format!("running {script}"))?;
-    if !status.success() {
-        return Err(format!("{script} failed with {status}").into());
-    }
-    Ok(())
-}
-
-/// Removes containers left by bench runs that were killed before their guards ran
-/// (SIGKILL). Containers of a bench that is still running are left alone.
-async fn sweep_leftovers(engine: &Path) -> Result<()> {
-    let path = format!("/containers/json?all=1&filters=%7B%22label%22%3A%5B%22{LABEL}%22%5D%7D");
-    let list = api_expect(engine, Method::GET, &path, None, StatusCode::OK).await?;
-    for container in list.as_array().into_iter().flatten() {
-        let owner = container["Labels"][LABEL].as_str().unwrap_or_default();
-        if let (false, Some(id)) = (is_running(owner), container["Id"].as_str()) {
-            println!("removing container {id} left by an earlier bench run (pid {owner})");
-            remove_container_blocking(engine, id)?;
-        }
-    }
     Ok(())
 }
 

@@ -47,7 +47,7 @@ use inotify::{Inotify, WatchDescriptor, WatchMask};
 use serde_json::json;
 use tokio::io::unix::AsyncFd;
 
-use common::engine::{api_expect, remove_container_blocking, ApiClient, Container};
+use common::engine::{api_expect, ensure_image, sweep_leftovers, ApiClient, Container};
 use common::procfs::{load_average, process_tree, stat_fields};
 use common::report::{Columns, Paired, Report, Row, Style, Target};
 use common::stats::{median, Percentiles, WyRand};
@@ -305,7 +305,7 @@ async fn run(config: &Config, report: &mut Report) -> Result<()> {
     report.note(format!("load average at the start: {}", load_average()));
     describe_engine(&config.engine, report).await?;
     ensure_image(&config.engine, &config.image).await?;
-    sweep_leftovers(&config.engine).await?;
+    sweep_leftovers(&config.engine, LABEL, "sync bench").await?;
     sweep_temp_dirs(&config.dir);
 
     let dir = tempfile::Builder::new()
@@ -1764,43 +1764,6 @@ async fn describe_engine(engine: &Path, report: &mut Report) -> Result<()> {
         rsync.unwrap_or_else(|_| "rsync: not found (install rsync)".to_string()),
         ssh.unwrap_or_else(|_| "ssh: not found".to_string())
     ));
-    Ok(())
-}
-
-/// Builds the test image with the project's fixture script if it is the default one
-/// and missing; any other image must exist.
-async fn ensure_image(engine: &Path, image: &str) -> Result<()> {
-    let (status, _) =
-        common::engine::api_json(engine, Method::GET, &format!("/images/{image}/json"), None).await?;
-    if status == StatusCode::OK {
-        return Ok(());
-    }
-    if image != DEFAULT_IMAGE {
-        return Err(format!("image {image} not found on the engine").into());
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/build-images.sh");
-    let status = Command::new("bash")
-        .arg(script)
-        .env("OFFLOAD_TEST_ENGINE", format!("unix://{}", engine.display()))
-        .status()
-        .context(format!("running {script}"))?;
-    if !status.success() {
-        return Err(format!("{script} failed with {status}").into());
-    }
-    Ok(())
-}
-
-/// Removes containers left by bench runs that were killed (their pid is gone).
-async fn sweep_leftovers(engine: &Path) -> Result<()> {
-    let path = format!("/containers/json?all=1&filters=%7B%22label%22%3A%5B%22{LABEL}%22%5D%7D");
-    let list = api_expect(engine, Method::GET, &path, None, StatusCode::OK).await?;
-    for container in list.as_array().into_iter().flatten() {
-        let owner = container["Labels"][LABEL].as_str().unwrap_or_default();
-        if let (false, Some(id)) = (is_running(owner), container["Id"].as_str()) {
-            println!("removing container {id} left by an earlier sync bench run (pid {owner})");
-            remove_container_blocking(engine, id)?;
-        }
-    }
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
-use super::{BoxError, Context, Result, API_HOST};
+use super::{is_running, BoxError, Context, Result, API_HOST, DEFAULT_IMAGE};
 
 /// Opens one HTTP/1.1 connection on a unix socket; the connection task ends when the
 /// sender and the last response body are dropped.
@@ -188,4 +188,41 @@ pub fn remove_container_blocking(engine: &Path, id: &str) -> Result<()> {
     } else {
         Err(format!("DELETE answered {status:?}").into())
     }
+}
+
+/// Builds the test image with the project's fixture script if it is the default one
+/// and missing; any other image must exist.
+pub async fn ensure_image(engine: &Path, image: &str) -> Result<()> {
+    let (status, _) = api_json(engine, Method::GET, &format!("/images/{image}/json"), None).await?;
+    if status == StatusCode::OK {
+        return Ok(());
+    }
+    if image != DEFAULT_IMAGE {
+        return Err(format!("image {image} not found on the engine").into());
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/build-images.sh");
+    let status = std::process::Command::new("bash")
+        .arg(script)
+        .env("OFFLOAD_TEST_ENGINE", format!("unix://{}", engine.display()))
+        .status()
+        .context(format!("running {script}"))?;
+    if !status.success() {
+        return Err(format!("{script} failed with {status}").into());
+    }
+    Ok(())
+}
+
+/// Removes containers left by bench runs that were killed (their pid, the value of
+/// `label`, is gone); `run` names them in the message ("link bench").
+pub async fn sweep_leftovers(engine: &Path, label: &str, run: &str) -> Result<()> {
+    let path = format!("/containers/json?all=1&filters=%7B%22label%22%3A%5B%22{label}%22%5D%7D");
+    let list = api_expect(engine, Method::GET, &path, None, StatusCode::OK).await?;
+    for container in list.as_array().into_iter().flatten() {
+        let owner = container["Labels"][label].as_str().unwrap_or_default();
+        if let (false, Some(id)) = (is_running(owner), container["Id"].as_str()) {
+            println!("removing container {id} left by an earlier {run} run (pid {owner})");
+            remove_container_blocking(engine, id)?;
+        }
+    }
+    Ok(())
 }
