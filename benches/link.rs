@@ -48,7 +48,7 @@ use common::procfs::{load_average, process_tree, stat_fields};
 use common::report::{Columns, Paired, Report, Row, Style, Target};
 use common::stats::{megabytes_per_sec, micros, Percentiles};
 use common::upload::{verify_upload, TarUpload};
-use common::{env_or, guarded_command, sections, DOCKER_CLI};
+use common::{env_or, guarded_command, run_bounded, sections, DOCKER_CLI};
 use common::{is_running, within, Context, Result, API_HOST, DEFAULT_IMAGE};
 use relay::{measure_rtt, start_relay, RttFigures};
 
@@ -224,33 +224,15 @@ fn main() -> ExitCode {
         .expect("building a tokio runtime");
 
     let mut report = Report::new(REPORT_STYLE);
-    let outcome = runtime.block_on(run_bounded(&config, &mut report));
+    let outcome = runtime.block_on(run_bounded(
+        config.timeout,
+        "OFFLOAD_LINK_BENCH_TIMEOUT_S",
+        run(&config, &mut report),
+    ));
     report.print(&format!("offload link bench ({})", config.binary.display()));
     // Connection tasks of the null engine and of clients may still be parked.
     runtime.shutdown_timeout(Duration::from_secs(1));
-    match outcome {
-        Err(err) => {
-            eprintln!("\nlink bench FAILED: {err}");
-            ExitCode::FAILURE
-        }
-        Ok(()) if config.strict && report.missed() > 0 => ExitCode::from(2),
-        Ok(()) => ExitCode::SUCCESS,
-    }
-}
-
-/// Runs the bench under the global time limit and Ctrl-C. Whichever ends it, the
-/// `run` future is dropped here, and with it every guard (processes, relays,
-/// containers, temporary directory).
-async fn run_bounded(config: &Config, report: &mut Report) -> Result<()> {
-    tokio::select! {
-        outcome = tokio::time::timeout(config.timeout, run(config, report)) => {
-            outcome.map_err(|_| format!(
-                "the run took longer than OFFLOAD_LINK_BENCH_TIMEOUT_S={}",
-                config.timeout.as_secs()
-            ))?
-        }
-        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-    }
+    report.exit_code(outcome, config.strict, "link bench")
 }
 
 async fn run(config: &Config, report: &mut Report) -> Result<()> {

@@ -30,7 +30,7 @@ use common::procfs::{load_average, process_tree, stat_fields};
 use common::report::{Columns, Paired, Report, Row, Style, Target};
 use common::stats::{megabytes_per_sec, micros, Percentiles};
 use common::upload::{verify_upload, TarUpload};
-use common::{env_or, is_running, sections, within, Context, Result, API_HOST, DEFAULT_IMAGE};
+use common::{env_or, is_running, run_bounded, sections, within, Context, Result, API_HOST, DEFAULT_IMAGE};
 
 /// Label put on every container the bench creates; its value is the bench's pid, so
 /// a later run can tell leftovers of a killed run from containers of a live one.
@@ -196,31 +196,10 @@ fn main() -> ExitCode {
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building a tokio runtime");
 
     let mut report = Report::new(REPORT_STYLE);
-    let outcome = runtime.block_on(run_bounded(&config, &mut report));
+    let outcome =
+        runtime.block_on(run_bounded(config.timeout, "OFFLOAD_BENCH_TIMEOUT_S", run(&config, &mut report)));
     report.print(&format!("offload proxy bench: {}", config.proxy_label()));
-    match outcome {
-        Err(err) => {
-            eprintln!("\nproxy bench FAILED: {err}");
-            ExitCode::FAILURE
-        }
-        Ok(()) if config.strict && report.missed() > 0 => ExitCode::from(2),
-        Ok(()) => ExitCode::SUCCESS,
-    }
-}
-
-/// Runs the bench under the global time limit and Ctrl-C. Whichever ends it, the
-/// `run` future is dropped here, and with it every guard (proxy, containers, temp
-/// dir), so cleanup happens on every path, panics included.
-async fn run_bounded(config: &Config, report: &mut Report) -> Result<()> {
-    tokio::select! {
-        outcome = tokio::time::timeout(config.timeout, run(config, report)) => {
-            outcome.map_err(|_| format!(
-                "the run took longer than OFFLOAD_BENCH_TIMEOUT_S={}",
-                config.timeout.as_secs()
-            ))?
-        }
-        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-    }
+    report.exit_code(outcome, config.strict, "proxy bench")
 }
 
 async fn run(config: &Config, report: &mut Report) -> Result<()> {

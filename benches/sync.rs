@@ -52,7 +52,9 @@ use common::procfs::{load_average, process_tree, stat_fields};
 use common::report::{Columns, Paired, Report, Row, Style, Target};
 use common::stats::{median, Percentiles, WyRand};
 use common::DOCKER_CLI;
-use common::{env_or, guarded_command, is_running, sections, within, Context, Result, DEFAULT_IMAGE};
+use common::{
+    env_or, guarded_command, is_running, run_bounded, sections, within, Context, Result, DEFAULT_IMAGE,
+};
 use relay::{measure_rtt, start_relay, RttFigures};
 use rig::{Daemon, Sshd};
 
@@ -272,32 +274,14 @@ fn main() -> ExitCode {
         }
     };
     let mut report = Report::new(REPORT_STYLE);
-    let outcome = runtime.block_on(run_bounded(&config, &mut report));
+    let outcome = runtime.block_on(run_bounded(
+        config.timeout,
+        "OFFLOAD_SYNC_BENCH_TIMEOUT_S",
+        run(&config, &mut report),
+    ));
     report.print(&format!("offload sync bench ({})", config.binary.display()));
     runtime.shutdown_timeout(Duration::from_secs(1));
-    match outcome {
-        Err(err) => {
-            eprintln!("\nsync bench FAILED: {err}");
-            ExitCode::FAILURE
-        }
-        Ok(()) if config.strict && report.missed() > 0 => ExitCode::from(2),
-        Ok(()) => ExitCode::SUCCESS,
-    }
-}
-
-/// Runs the bench under the global time limit and Ctrl-C. Whichever ends it, the
-/// `run` future is dropped here, and with it every guard (processes, relays,
-/// containers, temporary directory).
-async fn run_bounded(config: &Config, report: &mut Report) -> Result<()> {
-    tokio::select! {
-        outcome = tokio::time::timeout(config.timeout, run(config, report)) => {
-            outcome.map_err(|_| format!(
-                "the run took longer than OFFLOAD_SYNC_BENCH_TIMEOUT_S={}",
-                config.timeout.as_secs()
-            ))?
-        }
-        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-    }
+    report.exit_code(outcome, config.strict, "sync bench")
 }
 
 async fn run(config: &Config, report: &mut Report) -> Result<()> {

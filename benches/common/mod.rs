@@ -75,6 +75,23 @@ pub fn sections<S: Copy>(
     names.into_iter().map(parse).collect()
 }
 
+/// Runs a bench's `run` under its global time limit (`limit`, set by the environment
+/// variable `variable`) and Ctrl-C. Whichever ends it, the `run` future is dropped
+/// here, and with it every guard (processes, relays, containers, temporary
+/// directory), so cleanup happens on every path, panics included.
+pub async fn run_bounded(
+    limit: Duration,
+    variable: &str,
+    run: impl Future<Output = Result<()>>,
+) -> Result<()> {
+    tokio::select! {
+        outcome = tokio::time::timeout(limit, run) => {
+            outcome.map_err(|_| format!("the run took longer than {variable}={}", limit.as_secs()))?
+        }
+        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+    }
+}
+
 /// Host header for every request: the engine ignores it, but HTTP/1.1 (and Go's
 /// server) requires one.
 pub const API_HOST: &str = "docker";

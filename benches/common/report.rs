@@ -6,11 +6,12 @@
 //! adds of its own (an RTT row, a socket-mode row) it adds as an `impl Report` block
 //! in its own file.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
-use super::print_line;
 use super::procfs::load_average;
 use super::stats::{bootstrap_interval, median, Percentiles};
+use super::{print_line, Result};
 
 /// One (baseline, figure) pair per measured round.
 #[derive(Default)]
@@ -217,6 +218,19 @@ impl Report {
 
     pub fn missed(&self) -> usize {
         self.rows.iter().filter(|row| row.ok == Some(false)).count()
+    }
+
+    /// The bench's exit status: failure (with the error) when the run failed, 2 when
+    /// `strict` and a target was missed. `bench` names it in the message ("link bench").
+    pub fn exit_code(&self, outcome: Result<()>, strict: bool, bench: &str) -> ExitCode {
+        match outcome {
+            Err(err) => {
+                eprintln!("\n{bench} FAILED: {err}");
+                ExitCode::FAILURE
+            }
+            Ok(()) if strict && self.missed() > 0 => ExitCode::from(2),
+            Ok(()) => ExitCode::SUCCESS,
+        }
     }
 
     /// The table, under `== {title} ==`, then the summary and the footnote.
