@@ -168,6 +168,38 @@ fn running_containers_and_open_streams_keep_a_session() {
     );
 }
 
+/// A client that vanishes from an attach to a silent container leaves no
+/// stream at the agent counting as activity. (This engine ends the attach
+/// when stdin closes; the agent's own end on the proxy's reset, for targets
+/// that stay silent, is tested on a tunnel in `ports`.)
+#[test]
+fn an_abandoned_attach_stops_counting_as_activity() {
+    ensure_images();
+    let dir = tempfile::tempdir().expect("dir");
+    let (_agent, url) = agent(dir.path(), 0, &[]);
+    let proxy = proxy_to(&url);
+    let mut cleanup = Cleanup::default();
+    let quiet = cleanup.container(&unique("quiet"));
+    docker(&proxy, &["run", "-d", "-i", "--name", &quiet, IMAGE, "sleep", "300"]);
+    let mut attach = proxy
+        .docker(DOCKER_28)
+        .args(["attach", &quiet])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("attach");
+    let streams = |proxy: &Proxy| status(proxy)["activity"]["streams"].as_u64();
+    assert!(eventually(Duration::from_secs(10), || streams(&proxy) == Some(1)), "{}", status(&proxy));
+    let _ = attach.kill();
+    let _ = attach.wait();
+    assert!(
+        eventually(Duration::from_secs(10), || streams(&proxy) == Some(0)),
+        "the abandoned attach still counts: {}",
+        status(&proxy)
+    );
+}
+
 #[test]
 fn a_reconnect_within_the_grace_resumes_the_session() {
     ensure_images();

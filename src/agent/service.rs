@@ -442,16 +442,10 @@ async fn tunnel(session: &Arc<Session>, mut request: Request<Incoming>) -> Respo
     if udp {
         return udp_tunnel(session, request, std::net::SocketAddr::new(ip, port)).await;
     }
-    let stream = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+    let stream = match dial_forward(ip, port).await {
         Ok(stream) => stream,
-        Err(error) => {
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                &format!("cannot connect to port {port}: {error}"),
-            )
-        }
+        Err(refusal) => return refusal,
     };
-    let _ = stream.set_nodelay(true);
     let pending = hyper::upgrade::on(&mut request);
     let activity = session.activity(ActivityKind::Stream);
     tokio::spawn(async move {
@@ -466,6 +460,19 @@ async fn tunnel(session: &Arc<Session>, mut request: Request<Incoming>) -> Respo
     Response::new(body::empty())
 }
 
+/// Dials a forwarded port on this host (the callers allow only loopback).
+async fn dial_forward(ip: std::net::IpAddr, port: u16) -> Result<tokio::net::TcpStream, Response<Body>> {
+    match tokio::net::TcpStream::connect((ip, port)).await {
+        Ok(stream) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Err(error) => {
+            Err(error_response(StatusCode::BAD_GATEWAY, &format!("cannot connect to port {port}: {error}")))
+        }
+    }
+}
+
 /// A forwarded TCP connection in one round trip (`POST /_offload/v1/tunnel/<port>`):
 /// the request body is what the local client sends, the response body what the
 /// port answers. Always the agent's own loopback.
@@ -473,31 +480,20 @@ async fn stream_tunnel(session: &Arc<Session>, request: Request<Incoming>, port:
     let Ok(port) = port.parse::<u16>() else {
         return error_response(StatusCode::BAD_REQUEST, &format!("not a port number: {port}"));
     };
-    let stream = match tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await {
+    let stream = match dial_forward(std::net::Ipv4Addr::LOCALHOST.into(), port).await {
         Ok(stream) => stream,
-        Err(error) => {
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                &format!("cannot connect to port {port}: {error}"),
-            )
-        }
+        Err(refusal) => return refusal,
     };
-    let _ = stream.set_nodelay(true);
-    let (writer, response_body, reset) = crate::link::stream::channel_noticing_drop();
+    let (writer, response_body, ended) = stream::channel_noticing_drop();
     let activity = session.activity(ActivityKind::Stream);
     tokio::spawn(async move {
         let _activity = activity;
-        let mut link = tokio::io::join(crate::link::stream::BodyReader::new(request.into_body()), writer);
+        let mut link = tokio::io::join(BodyReader::new(request.into_body()), writer);
         let mut stream = stream;
-        // Ends when both directions have ended, or either side aborts. A
-        // reset by the proxy may arrive after its END_STREAM, while the port
-        // keeps a half-closed connection silent: hyper then drops our
-        // response body, and that ends the tunnel too.
-        tokio::select! {
-            spliced = splice(&mut link, &mut stream) => if let Err(error) = spliced {
-                tracing::debug!(%error, port, "forwarded connection aborted");
-            },
-            Err(_) = reset => tracing::debug!(port, "forwarded connection reset by the proxy"),
+        match relay_link_stream(&mut link, &mut stream, ended).await {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::debug!(port, "forwarded connection reset by the proxy"),
+            Err(error) => tracing::debug!(%error, port, "forwarded connection aborted"),
         }
     });
     Response::new(body::stream(response_body))
@@ -634,7 +630,7 @@ async fn upgrade(
     if let Some(value) = engine_upgrade {
         head.headers.insert(HeaderName::from_static(protocol::UPGRADE), value);
     }
-    let (writer, response_body) = stream::channel();
+    let (writer, response_body, ended) = stream::channel_noticing_drop();
     // An open attach, exec or build session is activity for as long as it lives.
     let activity = (!background).then(|| session.activity(ActivityKind::Stream));
     let relay = async move {
@@ -644,17 +640,38 @@ async fn upgrade(
             Err(error) => return tracing::debug!(%error, "engine upgrade failed"),
         };
         let mut link = tokio::io::join(BodyReader::with_prefix(incoming, leftover), writer);
-        match splice(&mut link, &mut engine).await {
-            Ok(counts) => {
+        match relay_link_stream(&mut link, &mut engine, ended).await {
+            Ok(Some(counts)) => {
                 tracing::debug!(sent = counts.a_to_b, received = counts.b_to_a, "upgraded stream ended")
             }
+            Ok(None) => tracing::debug!("upgraded stream reset by the proxy"),
             Err(error) => tracing::debug!(%error, "upgraded stream aborted"),
         }
     };
-    // The relay lives as long as the stream: it ends when both directions end
-    // or either side aborts.
+    // The relay lives as long as the stream (see `relay_link_stream`).
     tokio::spawn(relay.instrument(tracing::debug_span!("upgraded")));
     Response::from_parts(head, body::stream(response_body))
+}
+
+/// Splices a link stream (request body in, response body out) with `target`
+/// until both directions end or either side aborts. The proxy's reset may
+/// come after its END_STREAM while `target` is silent (an idle attach, a
+/// quiet port); hyper then drops our response body, `ended` fails, and the
+/// relay ends too instead of holding `target` and the session's activity.
+/// `None`: ended by such a reset.
+async fn relay_link_stream<L, T>(
+    link: &mut L,
+    target: &mut T,
+    ended: tokio::sync::oneshot::Receiver<()>,
+) -> std::io::Result<Option<crate::splice::Spliced>>
+where
+    L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::select! {
+        spliced = splice(link, target) => spliced.map(Some),
+        Err(_) = ended => Ok(None),
+    }
 }
 
 /// Reads exactly `length` bytes from the start of the body; returns them and
