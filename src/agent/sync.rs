@@ -471,10 +471,7 @@ async fn watch_copy(
     mut watcher: TreeWatcher,
     mut drain_requests: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
-    // What is seen while a push is applied is mostly that push's own echo.
-    // It is checked once the push ends, not path by path against a manifest
-    // the push is changing meanwhile (that took a third of an initial sync).
-    let mut deferred = Batch::default();
+    // The watcher does not read while a push is applied (see `pushing`).
     let mut pushing = mount.pushing.subscribe();
     loop {
         let tree = lock(&mount.tree).clone();
@@ -489,22 +486,14 @@ async fn watch_copy(
                 continue;
             }
             Some(done) = drain_requests.recv() => {
-                let mut batch = std::mem::take(&mut deferred);
-                if let Ok(drained) = watcher.drain(&tree) {
-                    batch.merge(drained);
+                if let Ok(batch) = watcher.drain(&tree) {
+                    record(&mount, &tree, batch);
                 }
-                record(&mount, &tree, batch);
                 let _ = done.send(());
-                continue;
-            }
-            // The guard drops at once: this only waits for the push to end.
-            _ = mount.busy.lock(), if !deferred.is_empty() => {
-                record(&mount, &tree, std::mem::take(&mut deferred));
                 continue;
             }
         };
         match batch {
-            Ok(batch) if mount.busy.try_lock().is_err() => deferred.merge(batch),
             Ok(batch) => record(&mount, &tree, batch),
             Err(error) => {
                 tracing::warn!(%error, root = %tree.root.display(), "watching a synced copy failed");
