@@ -307,6 +307,35 @@ async fn agent_link(dir: &std::path::Path) -> (AgentProcess, LinkSender) {
     (agent, link)
 }
 
+/// `CONNECT target` as the proxy sends it, marked as a UDP flow when `udp`.
+fn connect_request(
+    target: &str,
+    udp: bool,
+) -> hyper::Request<http_body_util::combinators::BoxBody<hyper::body::Bytes, std::convert::Infallible>> {
+    use http_body_util::{BodyExt, Empty};
+    let mut request = hyper::Request::connect(target);
+    if udp {
+        request = request.header("x-offload-protocol", "udp");
+    }
+    request.body(Empty::new().boxed()).expect("request")
+}
+
+/// Sends `request` and checks the agent's refusal: its status and what it says.
+async fn assert_refused(
+    link: &mut LinkSender,
+    request: hyper::Request<
+        http_body_util::combinators::BoxBody<hyper::body::Bytes, std::convert::Infallible>,
+    >,
+    status: u16,
+    says: &str,
+) {
+    use http_body_util::BodyExt;
+    let answer = link.send_request(request).await.expect("answer");
+    assert_eq!(answer.status(), status);
+    let body = answer.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains(says), "{body:?}");
+}
+
 /// Only the agent's own loopback is a target.
 #[tokio::test]
 async fn the_agent_forwards_only_to_its_own_loopback() {
@@ -317,14 +346,9 @@ async fn the_agent_forwards_only_to_its_own_loopback() {
     let dir = tempfile::tempdir().expect("dir");
     let (_agent, mut link) = agent_link(dir.path()).await;
 
-    let connect = |target: String| {
-        hyper::Request::connect(target).body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
-    };
     // Anything but loopback is refused, with a reason.
-    let refused = link.send_request(connect("192.0.2.1:80".into()).expect("request")).await.expect("answer");
-    assert_eq!(refused.status(), 403);
-    let body = refused.into_body().collect().await.expect("body").to_bytes();
-    assert!(String::from_utf8_lossy(&body).contains("forwards only to its own loopback"), "{body:?}");
+    let refused = connect_request("192.0.2.1:80", false);
+    assert_refused(&mut link, refused, 403, "forwards only to its own loopback").await;
 
     // Loopback is tunnelled, bytes both ways.
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("echo");
@@ -336,7 +360,7 @@ async fn the_agent_forwards_only_to_its_own_loopback() {
         stream.write_all(&buffer.to_ascii_uppercase()).await.expect("write");
     });
     let mut tunnel =
-        link.send_request(connect(format!("127.0.0.1:{port}")).expect("request")).await.expect("answer");
+        link.send_request(connect_request(&format!("127.0.0.1:{port}"), false)).await.expect("answer");
     assert_eq!(tunnel.status(), 200);
     let upgraded = hyper::upgrade::on(&mut tunnel).await.expect("upgrade");
     let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
@@ -373,8 +397,16 @@ async fn the_agent_forwards_only_to_its_own_loopback() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let closed_port = closed.local_addr().expect("addr").port();
     drop(closed);
-    let refused = link.send_request(post(closed_port, b"x")).await.expect("answer");
-    assert_eq!(refused.status(), 502);
+    assert_refused(&mut link, post(closed_port, b"x"), 502, "cannot connect to port").await;
+    // Bad input on the tunnel route: a path that is no port, a method that is not POST.
+    let not_a_port = hyper::Request::post("http://agent/_offload/v1/tunnel/http")
+        .body(http_body_util::Full::new(Bytes::from_static(b"x")).map_err(|never| match never {}).boxed())
+        .expect("request");
+    assert_refused(&mut link, not_a_port, 400, "not a port number").await;
+    let not_post = hyper::Request::get(format!("http://agent/_offload/v1/tunnel/{port}"))
+        .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
+        .expect("request");
+    assert_refused(&mut link, not_post, 405, "opened with POST").await;
 
     // A tunnel the proxy resets after its half-close, to a port that keeps
     // the connection open and silent, ends at the agent (no stream is left
@@ -528,21 +560,12 @@ fn a_published_udp_port_echoes_through_the_link() {
 /// datagrams framed with a 2-byte length; loopback only, like TCP.
 #[tokio::test]
 async fn the_agent_forwards_udp_only_to_its_own_loopback() {
-    use http_body_util::{BodyExt, Empty};
-    use hyper::body::Bytes;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let dir = tempfile::tempdir().expect("dir");
     let (_agent, mut link) = agent_link(dir.path()).await;
-    let connect = |target: String| {
-        hyper::Request::connect(target)
-            .header("x-offload-protocol", "udp")
-            .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
-    };
-    let refused = link.send_request(connect("192.0.2.1:53".into()).expect("request")).await.expect("answer");
-    assert_eq!(refused.status(), 403);
-    let body = refused.into_body().collect().await.expect("body").to_bytes();
-    assert!(String::from_utf8_lossy(&body).contains("forwards only to its own loopback"), "{body:?}");
+    let refused = connect_request("192.0.2.1:53", true);
+    assert_refused(&mut link, refused, 403, "forwards only to its own loopback").await;
 
     let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("echo");
     let port = echo.local_addr().expect("addr").port();
@@ -553,7 +576,7 @@ async fn the_agent_forwards_udp_only_to_its_own_loopback() {
         }
     });
     let mut tunnel =
-        link.send_request(connect(format!("127.0.0.1:{port}")).expect("request")).await.expect("answer");
+        link.send_request(connect_request(&format!("127.0.0.1:{port}"), true)).await.expect("answer");
     assert_eq!(tunnel.status(), 200);
     let upgraded = hyper::upgrade::on(&mut tunnel).await.expect("upgrade");
     let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
