@@ -46,7 +46,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use common::engine::expect_status;
+use common::engine::{ensure_image, expect_status};
 use common::procfs::load_average;
 use common::stats::WyRand;
 use common::{guarded_command, is_running, Context, Result, API_HOST, DEFAULT_IMAGE, DOCKER_CLI};
@@ -1562,27 +1562,6 @@ async fn listed(engine: &Path, filters: &str, keep: impl Fn(&str) -> bool) -> Re
         }
     }
     Ok(found)
-}
-
-/// Builds the test image with the project's fixture script if it is the default one
-/// and missing; any other image must exist.
-async fn ensure_image(engine: &Path, image: &str) -> Result<()> {
-    if api_expect(engine, Method::GET, &format!("/images/{image}/json"), None, StatusCode::OK).await.is_ok() {
-        return Ok(());
-    }
-    if image != DEFAULT_IMAGE {
-        return Err(format!("image {image} not found on the engine").into());
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/build-images.sh");
-    let status = Command::new("bash")
-        .arg(script)
-        .env("OFFLOAD_TEST_ENGINE", format!("unix://{}", engine.display()))
-        .status()
-        .context(format!("running {script}"))?;
-    if !status.success() {
-        return Err(format!("{script} failed with {status}").into());
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------
