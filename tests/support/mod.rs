@@ -155,6 +155,15 @@ impl NetNs {
             let status = Command::new("ip").args(&args).status().expect("ip");
             assert!(status.success(), "ip {args:?} failed (tests need root and iproute2)");
         }
+        // The test's own clients in here take ephemeral ports; keep them out
+        // of the range the engine picks published host ports from (32768 and
+        // up), or a client's port can be the one a forward must listen on.
+        let status = Command::new("ip")
+            .args(["netns", "exec", &name, "sh", "-c"])
+            .arg("echo '10000 30000' > /proc/sys/net/ipv4/ip_local_port_range")
+            .status()
+            .expect("ip");
+        assert!(status.success(), "cannot set the namespace's ephemeral port range");
         NetNs { name }
     }
 
