@@ -6,12 +6,18 @@
 //! half-closes at once and still reads all output. Unlike it, buffers start
 //! small and grow only for streams that move data, so a thousand idle
 //! attaches cost little memory.
+//!
+//! [`splice_chunks`] does the same between a socket and a source and sink of
+//! owned chunks (the two HTTP/2 bodies of a link stream): the socket is read
+//! straight into the chunks that go out, and the chunks that come in are
+//! written straight to the socket, with no copy in between.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const INITIAL_BUFFER: usize = 1024;
@@ -42,6 +48,149 @@ where
     })
     .await?;
     Ok(Spliced { a_to_b: a_to_b.total, b_to_a: b_to_a.total })
+}
+
+/// Bytes that arrive as chunks the reader may keep (an HTTP/2 body).
+pub trait ChunkSource {
+    /// The next non-empty chunk; `None` at the end.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>>;
+}
+
+/// A sink that takes chunks by value (the writer of an HTTP/2 body).
+pub trait ChunkSink {
+    /// Ready when the sink has room for one more chunk.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Sends one chunk; only after `poll_ready` answered ready.
+    fn send(&mut self, chunk: Bytes) -> io::Result<()>;
+    /// Ends the stream (the half-close).
+    fn close(&mut self);
+}
+
+/// Relays `socket` → `sink` and `source` → `socket` until both directions
+/// reached their end, or one failed; half-closes like [`splice`]. In the
+/// counts, `a` is the chunk side and `b` the socket.
+pub async fn splice_chunks<S, R, W>(socket: &mut S, source: &mut R, sink: &mut W) -> io::Result<Spliced>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    R: ChunkSource + ?Sized,
+    W: ChunkSink + ?Sized,
+{
+    let mut outgoing = IntoChunks::default();
+    let mut incoming = FromChunks::default();
+    poll_fn(|cx| {
+        let out = outgoing.poll_pump(cx, &mut *socket, &mut *sink)?;
+        let back = incoming.poll_pump(cx, &mut *source, &mut *socket)?;
+        match (out, back) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok::<(), io::Error>(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await?;
+    Ok(Spliced { a_to_b: incoming.total, b_to_a: outgoing.total })
+}
+
+/// Socket → sink: reads into the free end of one buffer and sends what each
+/// read got as a chunk of it, so consecutive chunks share an allocation.
+struct IntoChunks {
+    buffer: BytesMut,
+    /// Room wanted for the next read; grows while reads come back full.
+    read_size: usize,
+    finished: bool,
+    total: u64,
+}
+
+impl Default for IntoChunks {
+    fn default() -> Self {
+        Self { buffer: BytesMut::new(), read_size: INITIAL_BUFFER, finished: false, total: 0 }
+    }
+}
+
+impl IntoChunks {
+    fn poll_pump<S, W>(&mut self, cx: &mut Context<'_>, socket: &mut S, sink: &mut W) -> Poll<io::Result<()>>
+    where
+        S: AsyncRead + Unpin + ?Sized,
+        W: ChunkSink + ?Sized,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // Read only what the sink can take: its backpressure is ours.
+            ready!(sink.poll_ready(cx))?;
+            if self.buffer.capacity() < self.read_size {
+                self.buffer.reserve(self.read_size);
+            }
+            let room = self.buffer.capacity();
+            let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *socket), cx, &mut self.buffer))?;
+            if n == 0 {
+                sink.close();
+                self.finished = true;
+                self.buffer = BytesMut::new();
+                return Poll::Ready(Ok(()));
+            }
+            if n == room && self.read_size < MAX_BUFFER {
+                self.read_size *= 4;
+            }
+            self.total += n as u64;
+            sink.send(self.buffer.split().freeze())?;
+        }
+    }
+}
+
+/// Source → socket: writes each chunk as it came.
+#[derive(Default)]
+struct FromChunks {
+    pending: Bytes,
+    source_done: bool,
+    needs_flush: bool,
+    finished: bool,
+    total: u64,
+}
+
+impl FromChunks {
+    fn poll_pump<R, S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        source: &mut R,
+        socket: &mut S,
+    ) -> Poll<io::Result<()>>
+    where
+        R: ChunkSource + ?Sized,
+        S: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while !self.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *socket).poll_write(cx, &self.pending))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.advance(n);
+                self.total += n as u64;
+                self.needs_flush = true;
+            }
+            if self.source_done {
+                ready!(Pin::new(&mut *socket).poll_flush(cx))?;
+                ready!(Pin::new(&mut *socket).poll_shutdown(cx))?;
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+            match source.poll_chunk(cx) {
+                Poll::Ready(Ok(Some(chunk))) => self.pending = chunk,
+                Poll::Ready(Ok(None)) => self.source_done = true,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {
+                    if self.needs_flush {
+                        ready!(Pin::new(&mut *socket).poll_flush(cx))?;
+                        self.needs_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Default)]

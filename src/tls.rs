@@ -40,6 +40,17 @@ pub struct TlsFiles {
 /// so the memory it may take is small.
 pub const LINK_SEND_BUFFER: usize = 256 << 10;
 
+/// rustls reads the socket 4 KiB at a time (at most one record): a bulk
+/// stream paid a syscall, and a wakeup, per 4 KiB. A read-ahead buffer under
+/// it takes what the socket holds in one read. One per link.
+pub const LINK_READ_AHEAD: usize = 128 << 10;
+
+/// The socket under a TLS link, read through [`LINK_READ_AHEAD`]; writes
+/// (vectored too) go straight through.
+pub fn read_ahead<S: tokio::io::AsyncRead>(socket: S) -> tokio::io::BufReader<S> {
+    tokio::io::BufReader::with_capacity(LINK_READ_AHEAD, socket)
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 
 use crate::body::BoxError;
+use crate::splice::{splice_chunks, ChunkSink, ChunkSource, Spliced};
 
 /// Frames in flight between a writer and its body; HTTP/2 flow control does
 /// the real pacing, this only bounds what sits in memory.
@@ -35,6 +36,31 @@ impl<B> BodyReader<B> {
     }
 }
 
+impl<B> ChunkSource for BodyReader<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
+        loop {
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => return Poll::Ready(Ok(None)),
+                Some(Err(error)) => return Poll::Ready(Err(io::Error::other(error.into()))),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if !data.is_empty() {
+                            return Poll::Ready(Ok(Some(data)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl<B> AsyncRead for BodyReader<B>
 where
     B: HttpBody<Data = Bytes> + Unpin,
@@ -45,23 +71,16 @@ where
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+        if self.pending.is_empty() {
+            match ready!(self.poll_chunk(cx))? {
+                Some(chunk) => self.pending = chunk,
                 None => return Poll::Ready(Ok(())),
-                Some(Err(error)) => return Poll::Ready(Err(io::Error::other(error.into()))),
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.pending = data;
-                    }
-                }
             }
         }
+        let n = self.pending.len().min(buf.remaining());
+        buf.put_slice(&self.pending[..n]);
+        self.pending.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -85,6 +104,39 @@ impl<B> AnswerReader<B> {
     }
 }
 
+impl<B> AnswerReader<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// The body, once the answer is here.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut BodyReader<B>>> {
+        if let AnswerState::Waiting(answer) = &mut self.state {
+            match ready!(answer.as_mut().poll(cx)) {
+                Ok(body) => self.state = AnswerState::Reading(BodyReader::new(body)),
+                Err(error) => {
+                    self.state = AnswerState::Failed;
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+        match &mut self.state {
+            AnswerState::Reading(reader) => Poll::Ready(Ok(reader)),
+            _ => Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "the stream failed"))),
+        }
+    }
+}
+
+impl<B> ChunkSource for AnswerReader<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        ready!(self.poll_body(cx))?.poll_chunk(cx)
+    }
+}
+
 impl<B> AsyncRead for AnswerReader<B>
 where
     B: HttpBody<Data = Bytes> + Unpin,
@@ -95,21 +147,7 @@ where
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            match &mut self.state {
-                AnswerState::Reading(reader) => return Pin::new(reader).poll_read(cx, buf),
-                AnswerState::Failed => {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "the stream failed")))
-                }
-                AnswerState::Waiting(answer) => match ready!(answer.as_mut().poll(cx)) {
-                    Ok(body) => self.state = AnswerState::Reading(BodyReader::new(body)),
-                    Err(error) => {
-                        self.state = AnswerState::Failed;
-                        return Poll::Ready(Err(error));
-                    }
-                },
-            }
-        }
+        Pin::new(ready!(self.poll_body(cx))?).poll_read(cx, buf)
     }
 }
 
@@ -166,6 +204,62 @@ impl BodyWriter {
     }
 }
 
+impl ChunkSink for BodyWriter {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.frames.poll_reserve(cx).map_err(|_| Self::closed())
+    }
+
+    fn send(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.frames.send_item(chunk).map_err(|_| Self::closed())
+    }
+
+    fn close(&mut self) {
+        // A slot reserved and not used holds the channel open: give it back.
+        self.frames.abort_send();
+        self.frames.close();
+    }
+}
+
+/// The two bodies of a link stream: what comes in, and the writer of what
+/// goes out. [`LinkStream::splice`] relays them with a socket without copies.
+pub struct LinkStream<R> {
+    pub reader: R,
+    pub writer: BodyWriter,
+}
+
+impl<R: ChunkSource> LinkStream<R> {
+    pub async fn splice<S>(&mut self, socket: &mut S) -> io::Result<Spliced>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        splice_chunks(socket, &mut self.reader, &mut self.writer).await
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for LinkStream<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.reader).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin> AsyncWrite for LinkStream<R> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.writer).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.writer).poll_shutdown(cx)
+    }
+}
+
 impl AsyncWrite for BodyWriter {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
@@ -181,7 +275,7 @@ impl AsyncWrite for BodyWriter {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.frames.close();
+        ChunkSink::close(&mut *self);
         Poll::Ready(Ok(()))
     }
 }
@@ -239,6 +333,32 @@ mod tests {
         producer.await.unwrap();
         let expected: String = (0..100).map(|i| format!("{i},")).collect();
         assert_eq!(text, format!("prefix:{expected}"));
+    }
+
+    #[tokio::test]
+    async fn a_link_stream_splices_a_socket_both_ways_with_half_close() {
+        let (outgoing_writer, outgoing_body) = channel();
+        let (mut incoming_writer, incoming_body) = channel();
+        let mut link = LinkStream { reader: BodyReader::new(incoming_body), writer: outgoing_writer };
+        let (mut app, mut socket) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(async move { link.splice(&mut socket).await });
+
+        let sent: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = sent.clone();
+        let collector = tokio::spawn(async move { outgoing_body.collect().await.map(|c| c.to_bytes()) });
+        app.write_all(&sent).await.unwrap();
+        app.shutdown().await.unwrap();
+        let got = collector.await.unwrap().unwrap();
+        assert!(got == expected, "the body carries every byte in order, then ends");
+
+        // The other direction still flows after the half-close.
+        incoming_writer.write_all(b"answer").await.unwrap();
+        incoming_writer.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        app.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"answer");
+        let counts = relay.await.unwrap().unwrap();
+        assert_eq!(counts, Spliced { a_to_b: 6, b_to_a: 3_000_000 });
     }
 
     #[tokio::test]

@@ -145,7 +145,7 @@ impl Dialer {
                 let connector = self.tls.clone().ok_or_else(|| io::Error::other("TLS is not configured"))?;
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                let mut stream = connector.connect(name, tcp).await?;
+                let mut stream = connector.connect(name, tls::read_ahead(tcp)).await?;
                 stream.get_mut().1.set_buffer_limit(Some(tls::LINK_SEND_BUFFER));
                 // TLS 1.3 checks our certificate after our side of the handshake
                 // is done; a refusal arrives as an alert, which a request sent at

@@ -24,7 +24,6 @@ use crate::body;
 use crate::docker::ports::{published, Published};
 use crate::lifecycle::Lifecycle;
 use crate::link::protocol::BACKGROUND;
-use crate::splice::splice;
 use crate::upstream::Upstream;
 
 /// Short retries first (a port we are just releasing), then the slow ones.
@@ -213,7 +212,7 @@ impl PortForwards {
                 lifecycle.spawn(async move {
                     match upstream.open_tunnel(port).await {
                         Ok(mut remote) => {
-                            match splice(&mut local, &mut remote).await {
+                            match remote.splice(&mut local).await {
                                 // The agent's refusal shows on the first read.
                                 Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
                                     tracing::warn!(%peer, port, %error, "cannot forward a connection")

@@ -20,12 +20,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::{error_chain, BoxFuture, BoxedIo, Exchange, FailureKind, Upstream, UpstreamError};
+use super::{error_chain, BoxFuture, BoxedIo, Exchange, FailureKind, Tunnel, Upstream, UpstreamError};
 use crate::body::{self, Body};
 use crate::docker::headers::strip_hop_by_hop;
 use crate::docker::route::{classify, Route};
 use crate::link::protocol::{self, SessionInfo, SessionRequest};
-use crate::link::stream::{self, BodyReader};
+use crate::link::stream::{self, AnswerReader, BodyReader, LinkStream};
 use crate::link::transport::{Dialer, SshProcess};
 
 /// HTTP/2 tuning for a link that may be long and fat (performance-anchors §2.3):
@@ -125,12 +125,13 @@ impl Upstream for LinkUpstream {
         Box::pin(async move { Ok(Some(inner.link().await?.session)) })
     }
 
-    fn open_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
+    fn open_tunnel(&self, port: u16) -> BoxFuture<io::Result<Tunnel>> {
         Box::pin(self.inner.clone().connect(port, false))
     }
 
     fn open_udp_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
-        Box::pin(self.inner.clone().connect(port, true))
+        let tunnel = self.inner.clone().connect(port, true);
+        Box::pin(async move { tunnel.await.map(Tunnel::into_io) })
     }
 }
 
@@ -144,10 +145,10 @@ impl Inner {
 
     /// A forwarded connection (TCP) or UDP flow: `CONNECT 127.0.0.1:<port>`,
     /// or for TCP, when the agent serves it, a one-round-trip stream tunnel.
-    async fn connect(self: Arc<Self>, port: u16, udp: bool) -> io::Result<BoxedIo> {
+    async fn connect(self: Arc<Self>, port: u16, udp: bool) -> io::Result<Tunnel> {
         let link = self.link().await.map_err(|e| io::Error::other(e.user_message()))?;
         if !udp && link.session.features.iter().any(|f| f == protocol::FEATURE_STREAM_TUNNEL) {
-            return Ok(stream_tunnel(link.sender, port));
+            return Ok(Tunnel::Stream(stream_tunnel(link.sender, port)));
         }
         let mut request = Request::connect(format!("127.0.0.1:{port}"));
         if udp {
@@ -164,7 +165,7 @@ impl Inner {
             ));
         }
         let upgraded = hyper::upgrade::on(&mut response).await.map_err(io::Error::other)?;
-        Ok(Box::new(TokioIo::new(upgraded)) as BoxedIo)
+        Ok(Tunnel::Io(Box::new(TokioIo::new(upgraded))))
     }
 
     /// The live link, or a new one (single-flight: concurrent callers wait).
@@ -362,7 +363,10 @@ impl Inner {
 /// The client's bytes go out as the request body at once; the agent's answer
 /// (its status, then the port's bytes) is awaited on the first read. So a
 /// client that speaks first gets its first reply after one round trip.
-fn stream_tunnel(mut sender: SendRequest<Body>, port: u16) -> BoxedIo {
+fn stream_tunnel(
+    mut sender: SendRequest<Body>,
+    port: u16,
+) -> LinkStream<AnswerReader<hyper::body::Incoming>> {
     let (writer, request_body) = stream::channel();
     let request = Request::post(link_uri(&format!("{}/{port}", protocol::TUNNEL_PATH)))
         .body(body::stream(request_body))
@@ -377,7 +381,7 @@ fn stream_tunnel(mut sender: SendRequest<Body>, port: u16) -> BoxedIo {
         }
         Ok(response.into_body())
     });
-    Box::new(tokio::io::join(stream::AnswerReader::new(answer), writer))
+    LinkStream { reader: AnswerReader::new(answer), writer }
 }
 
 fn link_uri(path_and_query: &str) -> Uri {

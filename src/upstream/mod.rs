@@ -20,6 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::Body;
 use crate::link::protocol::SessionInfo;
+use crate::link::stream::{AnswerReader, LinkStream};
+use crate::splice::{splice, Spliced};
 
 /// A bidirectional byte stream with half-close (`poll_shutdown` = FIN / END_STREAM).
 pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -27,6 +29,34 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Duplex for T {}
 
 pub type BoxedIo = Box<dyn Duplex>;
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A forwarded connection to a port on the remote.
+pub enum Tunnel {
+    /// The bodies of a link stream, relayed without copies.
+    Stream(LinkStream<AnswerReader<hyper::body::Incoming>>),
+    /// Any other byte stream (a `CONNECT` to an older agent).
+    Io(BoxedIo),
+}
+
+impl Tunnel {
+    /// Relays `local` with the remote port until both directions end.
+    pub async fn splice<S>(&mut self, local: &mut S) -> io::Result<Spliced>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match self {
+            Tunnel::Stream(stream) => stream.splice(local).await,
+            Tunnel::Io(io) => splice(io, local).await,
+        }
+    }
+
+    pub fn into_io(self) -> BoxedIo {
+        match self {
+            Tunnel::Stream(stream) => Box::new(stream),
+            Tunnel::Io(io) => io,
+        }
+    }
+}
 
 /// One request/response exchange with an upstream.
 pub struct Exchange {
@@ -105,7 +135,7 @@ pub trait Upstream: Send + Sync + 'static {
     }
 
     /// A byte stream to `port` on the remote's loopback (a forwarded connection).
-    fn open_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
+    fn open_tunnel(&self, port: u16) -> BoxFuture<io::Result<Tunnel>> {
         let _ = port;
         Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this upstream forwards no ports")) })
     }
