@@ -965,12 +965,16 @@ async fn throughput_phase(config: &Config, rig: &Rig, targets: &Targets, report:
     let mut rates: Vec<[f64; 4]> = Vec::new();
     // CPU seconds of offload, ssh -L and socat during their own measured transfers.
     let mut cpu = [0.0; 3];
+    // CPU seconds of the engine's userland proxies (`docker-proxy`) during each
+    // variant's transfers: the agent dials the container past them.
+    let mut engine_proxy_cpu = [0.0; 4];
     for round in 0..config.rounds {
         let mut figures = [0.0; 4];
         let mut order = Bulk::ALL.to_vec();
         order.rotate_left(round % 4);
         for variant in order {
             let cpu_before = rig.cpu();
+            let engine_proxy_before = docker_proxy_cpu_secs();
             let took = within(
                 TRANSFER_LIMIT,
                 format!("{} MiB through {}", config.mib, variant.name()),
@@ -978,6 +982,7 @@ async fn throughput_phase(config: &Config, rig: &Rig, targets: &Targets, report:
             )
             .await?;
             let cpu_after = rig.cpu();
+            engine_proxy_cpu[variant as usize] += docker_proxy_cpu_secs() - engine_proxy_before;
             if let Some(slot) = match variant {
                 Bulk::Direct => None,
                 Bulk::Offload => Some(0),
@@ -1031,7 +1036,29 @@ async fn throughput_phase(config: &Config, rig: &Rig, targets: &Targets, report:
         "info",
         None,
     );
+    let [direct, offload, ssh, socat] = engine_proxy_cpu.map(|secs| secs / gb);
+    report.single(
+        "CPU-s per GB in the engine's docker-proxy: published port / offload / ssh -L / socat",
+        format!("{direct:.2} / {offload:.2} / {ssh:.2} / {socat:.2}"),
+        "info",
+        None,
+    );
     Ok(())
+}
+
+/// CPU seconds of every `docker-proxy` on this machine (the engine's userland
+/// proxy, one process per published port).
+fn docker_proxy_cpu_secs() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "docker-proxy")
+        })
+        .map(tree_cpu_secs)
+        .sum()
 }
 
 /// Connects, sends `bytes` (a multiple of the sink's block), half-closes, and reads

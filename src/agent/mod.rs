@@ -4,6 +4,7 @@
 pub mod cleanup;
 pub mod engine_calls;
 pub mod idle;
+pub mod published;
 pub mod resident;
 pub mod service;
 pub mod session;
@@ -66,6 +67,7 @@ impl Agent {
                 sessions,
                 sync,
                 ports_on_loopback: true,
+                published: published::PublishedPorts::default(),
                 gpus: std::sync::Mutex::new(None),
             }),
         }
@@ -100,7 +102,12 @@ impl Agent {
                     let token = lifecycle.token.clone();
                     lifecycle.spawn(
                         async move {
-                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            match tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(crate::tls::read_ahead(tcp)),
+                            )
+                            .await
+                            {
                                 Ok(Ok(mut tls)) => {
                                     tls.get_mut().1.set_buffer_limit(Some(crate::tls::LINK_SEND_BUFFER));
                                     serve_link(tls, state, token).await

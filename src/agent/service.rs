@@ -26,7 +26,7 @@ use crate::docker::headers::{is_close_delimited, strip_hop_by_hop};
 use crate::docker::ownership::{add_label, creation, loaded_images, Creation, SESSION_LABEL};
 use crate::docker::ports::bind_to_loopback;
 use crate::link::protocol::{self, EngineFacts, GpuFacts, PingFacts, SessionInfo, SessionRequest};
-use crate::link::stream::{self, BodyReader};
+use crate::link::stream::{self, BodyReader, LinkStream};
 use crate::splice::splice;
 use crate::upstream::engine::EngineUpstream;
 use crate::upstream::{Exchange, Upstream, UpstreamError};
@@ -38,6 +38,8 @@ pub struct AgentState {
     /// Published ports bind to the remote's loopback (they are forwarded);
     /// false when the proxy is on the engine's own machine (embedded).
     pub ports_on_loopback: bool,
+    /// Where the engine's published ports lead (forwards skip its proxy).
+    pub published: super::published::PublishedPorts,
     /// The engine's GPUs as last read, so a GPU create is checked without
     /// asking the engine again.
     pub gpus: std::sync::Mutex<Option<GpuFacts>>,
@@ -89,14 +91,14 @@ pub async fn handle(
     {
         if request.method() == Method::POST {
             let port = port.to_string();
-            stream_tunnel(&session, request, &port).await
+            stream_tunnel(&state, &session, request, &port).await
         } else {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "a tunnel is opened with POST")
         }
     } else if path.starts_with(protocol::PREFIX) {
         error_response(StatusCode::NOT_FOUND, "unknown offload endpoint; is the proxy newer than the agent?")
     } else if request.method() == Method::CONNECT {
-        tunnel(&session, request).await
+        tunnel(&state, &session, request).await
     } else {
         // Background streams of the proxy itself are not the user's activity.
         let activity = (!request.headers().contains_key(protocol::BACKGROUND))
@@ -423,7 +425,11 @@ async fn publish_on_loopback(engine: &EngineUpstream, create: Bytes) -> Bytes {
 
 /// A forwarded connection: `CONNECT 127.0.0.1:<port>`. Only the agent's own
 /// loopback is a target; the stream counts as the session's activity.
-async fn tunnel(session: &Arc<Session>, mut request: Request<Incoming>) -> Response<Body> {
+async fn tunnel(
+    state: &AgentState,
+    session: &Arc<Session>,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
     let target = request.uri().authority().map(|a| (a.host().to_string(), a.port_u16()));
     let Some((host, Some(port))) = target else {
         return error_response(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
@@ -442,7 +448,7 @@ async fn tunnel(session: &Arc<Session>, mut request: Request<Incoming>) -> Respo
     if udp {
         return udp_tunnel(session, request, std::net::SocketAddr::new(ip, port)).await;
     }
-    let stream = match dial_forward(ip, port).await {
+    let stream = match dial_forward(state, ip, port).await {
         Ok(stream) => stream,
         Err(refusal) => return refusal,
     };
@@ -460,8 +466,27 @@ async fn tunnel(session: &Arc<Session>, mut request: Request<Incoming>) -> Respo
     Response::new(body::empty())
 }
 
-/// Dials a forwarded port on this host (the callers allow only loopback).
-async fn dial_forward(ip: std::net::IpAddr, port: u16) -> Result<tokio::net::TcpStream, Response<Body>> {
+/// Dials a forwarded port on this host (the callers allow only loopback):
+/// straight to the container when the engine's userland proxy serves the
+/// port (see `published`), else the port itself.
+async fn dial_forward(
+    state: &AgentState,
+    ip: std::net::IpAddr,
+    port: u16,
+) -> Result<tokio::net::TcpStream, Response<Body>> {
+    let direct = if ip.is_loopback() { state.published.container_for(port) } else { None };
+    if let Some(container) = direct {
+        match tokio::time::timeout(DIRECT_DIAL_LIMIT, tokio::net::TcpStream::connect(container)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, %container, port, "container not reachable; dialing the port")
+            }
+            Err(_) => tracing::debug!(%container, port, "container did not answer; dialing the port"),
+        }
+    }
     match tokio::net::TcpStream::connect((ip, port)).await {
         Ok(stream) => {
             let _ = stream.set_nodelay(true);
@@ -473,14 +498,23 @@ async fn dial_forward(ip: std::net::IpAddr, port: u16) -> Result<tokio::net::Tcp
     }
 }
 
+/// A container on a bridge of this host answers a connect at once; one that
+/// does not (a network the agent cannot route to) is reached through its port.
+const DIRECT_DIAL_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A forwarded TCP connection in one round trip (`POST /_offload/v1/tunnel/<port>`):
 /// the request body is what the local client sends, the response body what the
 /// port answers. Always the agent's own loopback.
-async fn stream_tunnel(session: &Arc<Session>, request: Request<Incoming>, port: &str) -> Response<Body> {
+async fn stream_tunnel(
+    state: &AgentState,
+    session: &Arc<Session>,
+    request: Request<Incoming>,
+    port: &str,
+) -> Response<Body> {
     let Ok(port) = port.parse::<u16>() else {
         return error_response(StatusCode::BAD_REQUEST, &format!("not a port number: {port}"));
     };
-    let stream = match dial_forward(std::net::Ipv4Addr::LOCALHOST.into(), port).await {
+    let stream = match dial_forward(state, std::net::Ipv4Addr::LOCALHOST.into(), port).await {
         Ok(stream) => stream,
         Err(refusal) => return refusal,
     };
@@ -488,7 +522,7 @@ async fn stream_tunnel(session: &Arc<Session>, request: Request<Incoming>, port:
     let activity = session.activity(ActivityKind::Stream);
     tokio::spawn(async move {
         let _activity = activity;
-        let mut link = tokio::io::join(BodyReader::new(request.into_body()), writer);
+        let mut link = LinkStream { reader: BodyReader::new(request.into_body()), writer };
         let mut stream = stream;
         match relay_link_stream(&mut link, &mut stream, ended).await {
             Ok(Some(_)) => {}
@@ -639,7 +673,7 @@ async fn upgrade(
             Ok(io) => io,
             Err(error) => return tracing::debug!(%error, "engine upgrade failed"),
         };
-        let mut link = tokio::io::join(BodyReader::with_prefix(incoming, leftover), writer);
+        let mut link = LinkStream { reader: BodyReader::with_prefix(incoming, leftover), writer };
         match relay_link_stream(&mut link, &mut engine, ended).await {
             Ok(Some(counts)) => {
                 tracing::debug!(sent = counts.a_to_b, received = counts.b_to_a, "upgraded stream ended")
@@ -659,17 +693,16 @@ async fn upgrade(
 /// quiet port); hyper then drops our response body, `ended` fails, and the
 /// relay ends too instead of holding `target` and the session's activity.
 /// `None`: ended by such a reset.
-async fn relay_link_stream<L, T>(
-    link: &mut L,
+async fn relay_link_stream<T>(
+    link: &mut LinkStream<BodyReader<Incoming>>,
     target: &mut T,
     ended: tokio::sync::oneshot::Receiver<()>,
 ) -> std::io::Result<Option<crate::splice::Spliced>>
 where
-    L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
     tokio::select! {
-        spliced = splice(link, target) => spliced.map(Some),
+        spliced = link.splice(target) => spliced.map(Some),
         Err(_) = ended => Ok(None),
     }
 }
