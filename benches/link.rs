@@ -300,6 +300,9 @@ struct Rig {
     /// Proxy over TLS on loopback, to the real engine and to the null engine.
     proxy_lo: Option<Daemon>,
     proxy_lo_null: Option<Daemon>,
+    /// Two socat relays chained over loopback TCP in front of the engine: the
+    /// same two process hops as proxy and agent, with nothing else (latency).
+    relay_floor: Option<RelayFloor>,
     relay_agent: Option<DelayRelay>,
     relay_ssh: Option<DelayRelay>,
     agent: Daemon,
@@ -344,6 +347,7 @@ impl Rig {
             proxy_wan: None,
             proxy_lo: None,
             proxy_lo_null: None,
+            relay_floor: None,
             relay_agent: None,
             relay_ssh: None,
             agent,
@@ -357,6 +361,9 @@ impl Rig {
         if need_lo {
             let proxy = Daemon::tls_proxy(config, &root, "proxy-lo", agent_addr, &certs).await?;
             rig.proxy_lo = Some(proxy);
+        }
+        if config.runs(Section::Latency) {
+            rig.relay_floor = RelayFloor::start(&root, &config.engine).await?;
         }
         if need_wan {
             let relay = start_relay(agent_addr, config.rtt)?;
@@ -937,6 +944,49 @@ fn which(tool: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(tool)).find(|candidate| candidate.is_file())
 }
 
+/// `socat UNIX-LISTEN → TCP` and `socat TCP-LISTEN → UNIX-CONNECT engine`: a
+/// request crosses two relay processes and a loopback TCP hop, as through
+/// the proxy and the agent, with no parsing, TLS or HTTP/2. Its latency is
+/// the floor of any such two-process design on this machine.
+struct RelayFloor {
+    _front: Daemon,
+    _back: Daemon,
+    socket: PathBuf,
+}
+
+impl RelayFloor {
+    /// `None` when socat is not installed (the floor rows are then left out).
+    async fn start(dir: &Path, engine: &Path) -> Result<Option<RelayFloor>> {
+        let Some(socat) = which("socat") else {
+            println!("relay floor: socat not found, its rows are left out");
+            return Ok(None);
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .context("finding a free port")?;
+        let mut command = guarded_command(&socat);
+        command
+            .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay"))
+            .arg(format!("UNIX-CONNECT:{}", engine.display()));
+        let back = Daemon::spawn("relay-floor-back", command, dir)?;
+        let socket = dir.join("relay-floor.sock");
+        let mut command = guarded_command(&socat);
+        command
+            .arg(format!("UNIX-LISTEN:{},fork", socket.display()))
+            .arg(format!("TCP:127.0.0.1:{port},nodelay"));
+        let front = Daemon::spawn("relay-floor-front", command, dir)?;
+        within(Duration::from_secs(10), "the relay floor's sockets", async {
+            while !socket.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Some(RelayFloor { _front: front, _back: back, socket }))
+    }
+}
+
 /// One `ssh -N` process holding two local unix-socket forwards: to the engine and to
 /// the null engine. Each upload opens its own channel on the one SSH connection.
 struct SshForward {
@@ -1220,14 +1270,23 @@ async fn latency_phase(config: &Config, rig: &Rig, report: &mut Report) -> Resul
     let inspect = format!("/containers/{}/json", container.id);
     let paths = ["/_ping", inspect.as_str(), "/containers/json"];
     let names = ["/_ping", "/containers/{id}/json", "/containers/json"];
-    // One keep-alive connection per variant for the whole phase, as a client would.
+    // One keep-alive connection per variant for the whole phase, as a client would:
+    // the engine, the link, and (when socat is here) the two-relay floor.
     let mut clients =
-        [ApiClient::connect(&config.engine).await?, ApiClient::connect(&rig.proxy_lo()?.socket).await?];
+        vec![ApiClient::connect(&config.engine).await?, ApiClient::connect(&rig.proxy_lo()?.socket).await?];
+    if let Some(floor) = &rig.relay_floor {
+        clients.push(ApiClient::connect(&floor.socket).await?);
+    }
+    let variants = clients.len();
     let mut p50 = [(); 3].map(|_| Paired::default());
     let mut p99 = [(); 3].map(|_| Paired::default());
+    // Per path: the link against the floor, and the floor against the engine.
+    let mut link_vs_floor = [(); 3].map(|_| Paired::default());
+    let mut floor_vs_direct = [(); 3].map(|_| Paired::default());
     for round in 0..config.warmup_rounds + config.rounds {
-        let mut figures = [[Percentiles::default(); 2]; 3];
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut figures = [[Percentiles::default(); 3]; 3];
+        let mut order: Vec<usize> = (0..variants).collect();
+        order.rotate_left(round % variants);
         for variant in order {
             for (p, path) in paths.iter().enumerate() {
                 let samples = within(
@@ -1241,13 +1300,16 @@ async fn latency_phase(config: &Config, rig: &Rig, report: &mut Report) -> Resul
         }
         if round >= config.warmup_rounds {
             for (p, path) in names.iter().enumerate() {
-                let [direct, link] = figures[p];
+                let [direct, link, floor] = figures[p];
                 p50[p].push(direct.p50, link.p50);
                 p99[p].push(direct.p99, link.p99);
-                progress(
-                    &format!("latency round {round} {path}"),
-                    format!("p50 direct {} / link {} µs", micros(direct.p50), micros(link.p50)),
-                );
+                let mut line = format!("p50 direct {} / link {}", micros(direct.p50), micros(link.p50));
+                if variants == 3 {
+                    link_vs_floor[p].push(floor.p50, link.p50);
+                    floor_vs_direct[p].push(direct.p50, floor.p50);
+                    line.push_str(&format!(" / relay floor {}", micros(floor.p50)));
+                }
+                progress(&format!("latency round {round} {path}"), format!("{line} µs"));
             }
         }
     }
@@ -1265,6 +1327,20 @@ async fn latency_phase(config: &Config, rig: &Rig, report: &mut Report) -> Resul
             micros,
             Target::Info("(G1: <= 2.00)"),
         );
+        if variants == 3 && p > 0 {
+            report.paired(
+                &format!("GET {path} p50 (µs): relay floor (2 socat, TCP between) vs direct socket"),
+                &floor_vs_direct[p],
+                micros,
+                Target::Info("info"),
+            );
+            report.paired(
+                &format!("GET {path} p50 (µs): link @0ms vs relay floor"),
+                &link_vs_floor[p],
+                micros,
+                Target::Info("info"),
+            );
+        }
     }
     report.note(format!(
         "latency: keep-alive hyper HTTP/1.1 client, {} sequential requests per path per variant per \
