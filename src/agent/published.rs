@@ -127,7 +127,12 @@ fn scan(proc_root: &Path) -> HashMap<u16, (u32, UserlandProxy)> {
             continue;
         }
         if let Some(proxy) = read_proxy(proc_root, pid) {
-            if serves_loopback(&proxy, proxy.host.port()) {
+            // A port published on both families has a proxy for each; the
+            // IPv4 container address is the one a bridge always routes.
+            let taken_by_v4 = found
+                .get(&proxy.host.port())
+                .is_some_and(|(_, known): &(u32, UserlandProxy)| known.container.is_ipv4());
+            if serves_loopback(&proxy, proxy.host.port()) && !taken_by_v4 {
                 found.insert(proxy.host.port(), (pid, proxy));
             }
         }
@@ -246,6 +251,26 @@ mod tests {
 
         std::fs::remove_dir_all(root.path().join("5000")).unwrap();
         assert_eq!(ports.container_for(32780), None);
+    }
+
+    #[test]
+    fn a_port_on_both_families_leads_to_the_ipv4_container_address() {
+        if own_uid() != 0 {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let v6: Vec<&str> = "/usr/sbin/docker-proxy -proto tcp -host-ip :: -host-port 8080 -container-ip fd00::2 -container-port 80"
+            .split(' ')
+            .collect();
+        let v4: Vec<&str> = "/usr/sbin/docker-proxy -proto tcp -host-ip 0.0.0.0 -host-port 8080 -container-ip 172.17.0.2 -container-port 80"
+            .split(' ')
+            .collect();
+        // Directory order decides which one a scan meets first: try both.
+        fake_process(root.path(), 100, "docker-proxy", &v6);
+        fake_process(root.path(), 101, "docker-proxy", &v4);
+        fake_process(root.path(), 102, "docker-proxy", &v6);
+        let ports = PublishedPorts::new(root.path());
+        assert_eq!(ports.container_for(8080), Some("172.17.0.2:80".parse().unwrap()));
     }
 
     fn own_uid() -> u32 {
