@@ -1446,30 +1446,12 @@ async fn echo_phase(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report
     let idle = timed_echo(&socket, &cat.id, config).await?;
 
     // The same, while one upload of `load_mib` runs through the same proxy and link.
-    let stop = Arc::new(AtomicBool::new(false));
-    let size = config.load_mib << 20;
-    let upload_task = {
-        let (socket, id, stop) = (socket.clone(), sink.id.clone(), stop.clone());
-        tokio::spawn(async move {
-            let outcome = upload(&socket, &archive_path(&id), size).await;
-            stop.store(true, Ordering::SeqCst);
-            outcome
-        })
-    };
-    // Let the upload open its stream and fill the windows first.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let loaded = echo_run(&socket, &cat.id, config.echo_interval, stop.clone()).await;
-    let uploaded = upload_task.await.context("the upload task")?;
-    let (loaded, (upload_time, upload_bytes)) = (loaded?, uploaded?);
-    verify_upload(&config.engine, &sink.id, BULK_FILE, size).await?;
-    if loaded.len() < 50 {
-        report.note(format!(
-            "echo under load: only {} samples (the upload ended in {:.1} s); raise OFFLOAD_LINK_BENCH_LOAD_MIB",
-            loaded.len(),
-            upload_time.as_secs_f64()
-        ));
-    }
-
+    let (loaded, upload_time, upload_bytes) = echo_during_upload(&socket, &cat.id, &sink.id, config).await?;
+    verify_upload(&config.engine, &sink.id, BULK_FILE, config.load_mib << 20).await?;
+    // And the engine's own echo while the same upload goes straight to it: what
+    // the load alone (the engine writing, two busy cores) does to the tail.
+    let (direct_loaded, ..) = echo_during_upload(&config.engine, &cat.id, &sink.id, config).await?;
+    verify_upload(&config.engine, &sink.id, BULK_FILE, config.load_mib << 20).await?;
     let rtt = config.rtt_ms();
     let limit = rtt_ms + 15.0;
     let shown = |samples: &[u64]| {
@@ -1500,6 +1482,17 @@ async fn echo_phase(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report
             ok: Some(p99 <= limit),
         });
     }
+    report.row(Row {
+        metric: format!(
+            "echo p50/p99/max (ms): direct socket during a direct upload (n={}) vs direct idle",
+            direct_loaded.len()
+        ),
+        figure: shown(&direct_loaded).0,
+        baseline: shown(&direct).0,
+        ratio: "-".to_string(),
+        target: "info".to_string(),
+        ok: None,
+    });
     report.single(
         &format!("upload on the link @{rtt}ms during the echo (MB/s)"),
         format!("{:.0}", megabytes_per_sec(upload_bytes, upload_time)),
@@ -1516,6 +1509,39 @@ async fn echo_phase(config: &Config, rig: &Rig, rtt_ms: f64, report: &mut Report
         config.load_mib
     ));
     Ok(())
+}
+
+/// Echo samples taken through `socket` while one archive upload of `load_mib`
+/// into `sink` runs through the same socket; with the upload's time and size.
+async fn echo_during_upload(
+    socket: &Path,
+    cat: &str,
+    sink: &str,
+    config: &Config,
+) -> Result<(Vec<u64>, Duration, u64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let size = config.load_mib << 20;
+    let upload_task = {
+        let (socket, path, stop) = (socket.to_path_buf(), archive_path(sink), stop.clone());
+        tokio::spawn(async move {
+            let outcome = upload(&socket, &path, size).await;
+            stop.store(true, Ordering::SeqCst);
+            outcome
+        })
+    };
+    // Let the upload open its stream and fill the windows first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = echo_run(socket, cat, config.echo_interval, stop).await;
+    let uploaded = upload_task.await.context("the upload task")?;
+    let (loaded, (upload_time, upload_bytes)) = (loaded?, uploaded?);
+    if loaded.len() < 50 {
+        println!(
+            "echo under load: only {} samples (the upload ended in {:.1} s); raise OFFLOAD_LINK_BENCH_LOAD_MIB",
+            loaded.len(),
+            upload_time.as_secs_f64()
+        );
+    }
+    Ok((loaded, upload_time, upload_bytes))
 }
 
 /// An echo run of `echo_secs` seconds through `socket`.

@@ -142,12 +142,12 @@ async fn accept(listener: &AgentListener) -> io::Result<Accepted> {
     match listener {
         AgentListener::Tls(tcp, acceptor) => {
             let (stream, peer) = tcp.accept().await?;
-            stream.set_nodelay(true)?;
+            crate::link::transport::tune_link_socket(&stream)?;
             Ok(Accepted::Tls(stream, acceptor.clone(), peer.to_string()))
         }
         AgentListener::PlainTcp(tcp) => {
             let (stream, peer) = tcp.accept().await?;
-            stream.set_nodelay(true)?;
+            crate::link::transport::tune_link_socket(&stream)?;
             Ok(Accepted::Plain(Box::new(stream), peer.to_string()))
         }
         AgentListener::Unix(unix, path) => {

@@ -142,6 +142,7 @@ impl Dialer {
         match &self.address {
             RemoteAddress::Tls { host, port } => {
                 let tcp = tcp_connect(host, *port).await?;
+                tune_link_socket(&tcp)?;
                 let connector = self.tls.clone().ok_or_else(|| io::Error::other("TLS is not configured"))?;
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -166,7 +167,9 @@ impl Dialer {
                 Ok(Dialed { io: Box::new(Prefixed { prefix: Bytes::from(first), inner: stream }), ssh: None })
             }
             RemoteAddress::Tcp { host, port } => {
-                Ok(Dialed { io: Box::new(tcp_connect(host, *port).await?), ssh: None })
+                let tcp = tcp_connect(host, *port).await?;
+                tune_link_socket(&tcp)?;
+                Ok(Dialed { io: Box::new(tcp), ssh: None })
             }
             RemoteAddress::Unix(path) => {
                 Ok(Dialed { io: Box::new(UnixStream::connect(path).await?), ssh: None })
@@ -287,6 +290,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// Bytes a link socket may hold not yet sent. Beyond it the socket reports
+/// itself full, so a bulk stream's backlog waits in HTTP/2, where frames of
+/// all streams take turns, instead of in the kernel's send buffer (megabytes
+/// once autotuned), where an interactive frame would queue behind all of it.
+/// Unacknowledged bytes in flight are not limited: a long link still fills.
+pub const LINK_NOTSENT_LOWAT: u32 = 128 << 10;
+
+/// Tunes a TCP socket that carries a link: Nagle off (small interactive
+/// frames go at once) and the unsent backlog bounded ([`LINK_NOTSENT_LOWAT`]).
+pub fn tune_link_socket(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    socket2::SockRef::from(stream).set_tcp_notsent_lowat(LINK_NOTSENT_LOWAT)
 }
 
 /// A TCP connection with a deadline and Nagle off (small interactive frames).
