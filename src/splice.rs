@@ -78,8 +78,9 @@ where
     let mut outgoing = IntoChunks::default();
     let mut incoming = FromChunks::default();
     poll_fn(|cx| {
-        let out = outgoing.poll_pump(cx, &mut *socket, &mut *sink)?;
+        // Incoming first: a refusal in the answer explains a sink that closed.
         let back = incoming.poll_pump(cx, &mut *source, &mut *socket)?;
+        let out = outgoing.poll_pump(cx, &mut *socket, &mut *sink)?;
         match (out, back) {
             (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok::<(), io::Error>(())),
             _ => Poll::Pending,
@@ -89,11 +90,12 @@ where
     Ok(Spliced { a_to_b: incoming.total, b_to_a: outgoing.total })
 }
 
-/// Socket → sink: reads into the free end of one buffer and sends what each
-/// read got as a chunk of it, so consecutive chunks share an allocation.
+/// Socket → sink: reads into the free end of a buffer and sends what each
+/// read got as a chunk of it (no copy); a busy stream reads a lot at once.
 struct IntoChunks {
     buffer: BytesMut,
-    /// Room wanted for the next read; grows while reads come back full.
+    /// Room wanted for the next read; grows while reads come back full,
+    /// shrinks again when they come back small (a burst that ended).
     read_size: usize,
     finished: bool,
     total: u64,
@@ -117,6 +119,8 @@ impl IntoChunks {
         loop {
             // Read only what the sink can take: its backpressure is ours.
             ready!(sink.poll_ready(cx))?;
+            // Every read gets its full size: reads cut short by a nearly used
+            // buffer cost more syscalls and smaller frames than the memory saved.
             if self.buffer.capacity() < self.read_size {
                 self.buffer.reserve(self.read_size);
             }
@@ -130,6 +134,8 @@ impl IntoChunks {
             }
             if n == room && self.read_size < MAX_BUFFER {
                 self.read_size *= 4;
+            } else if n < self.read_size / 16 && self.read_size > INITIAL_BUFFER {
+                self.read_size /= 4;
             }
             self.total += n as u64;
             sink.send(self.buffer.split().freeze())?;

@@ -67,7 +67,7 @@ impl Agent {
                 sessions,
                 sync,
                 ports_on_loopback: true,
-                published: published::PublishedPorts::default(),
+                published: Arc::new(published::PublishedPorts::default()),
                 gpus: std::sync::Mutex::new(None),
             }),
         }

@@ -39,7 +39,7 @@ pub struct AgentState {
     /// false when the proxy is on the engine's own machine (embedded).
     pub ports_on_loopback: bool,
     /// Where the engine's published ports lead (forwards skip its proxy).
-    pub published: super::published::PublishedPorts,
+    pub published: Arc<super::published::PublishedPorts>,
     /// The engine's GPUs as last read, so a GPU create is checked without
     /// asking the engine again.
     pub gpus: std::sync::Mutex<Option<GpuFacts>>,
@@ -474,7 +474,14 @@ async fn dial_forward(
     ip: std::net::IpAddr,
     port: u16,
 ) -> Result<tokio::net::TcpStream, Response<Body>> {
-    let direct = if ip.is_loopback() { state.published.container_for(port) } else { None };
+    let direct = if ip.is_loopback() {
+        // It reads /proc: not on the runtime's thread.
+        let published = state.published.clone();
+        let target = std::net::SocketAddr::new(ip, port);
+        tokio::task::spawn_blocking(move || published.container_for(target)).await.ok().flatten()
+    } else {
+        None
+    };
     if let Some(container) = direct {
         match tokio::time::timeout(DIRECT_DIAL_LIMIT, tokio::net::TcpStream::connect(container)).await {
             Ok(Ok(stream)) => {
@@ -482,9 +489,17 @@ async fn dial_forward(
                 return Ok(stream);
             }
             Ok(Err(error)) => {
-                tracing::debug!(%error, %container, port, "container not reachable; dialing the port")
+                tracing::debug!(%error, %container, port, "container not reachable; dialing the port");
+                // Refused: reachable, not listening yet. Anything else: the
+                // route is the problem, and would be next time too.
+                if error.kind() != std::io::ErrorKind::ConnectionRefused {
+                    state.published.mark_unreachable(container);
+                }
             }
-            Err(_) => tracing::debug!(%container, port, "container did not answer; dialing the port"),
+            Err(_) => {
+                tracing::debug!(%container, port, "container did not answer; dialing the port");
+                state.published.mark_unreachable(container);
+            }
         }
     }
     match tokio::net::TcpStream::connect((ip, port)).await {

@@ -303,7 +303,12 @@ pub const LINK_NOTSENT_LOWAT: u32 = 128 << 10;
 /// frames go at once) and the unsent backlog bounded ([`LINK_NOTSENT_LOWAT`]).
 pub fn tune_link_socket(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    socket2::SockRef::from(stream).set_tcp_notsent_lowat(LINK_NOTSENT_LOWAT)
+    // Best effort: a link without it works, only with longer queues.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(LINK_NOTSENT_LOWAT) {
+        tracing::debug!(%error, "TCP_NOTSENT_LOWAT not set");
+    }
+    Ok(())
 }
 
 /// A TCP connection with a deadline and Nagle off (small interactive frames).
