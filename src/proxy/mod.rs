@@ -27,7 +27,7 @@ use service::{handle, ProxyState};
 
 /// Go's `http.DefaultMaxHeaderBytes` (1 MiB) plus room for the request line,
 /// so anything dockerd accepts, we accept.
-const MAX_HEAD_BYTES: usize = (1 << 20) + 4096;
+pub(crate) const MAX_HEAD_BYTES: usize = (1 << 20) + 4096;
 /// hyper's default is 100 header lines. BuildKit's `/session` sends one per
 /// gRPC method (a few dozen), so allow more; but hyper zeroes a slot per line
 /// for every request it parses (a 2048-line limit cost ~5% of the proxy's CPU

@@ -92,6 +92,23 @@ impl<T: AsyncWrite> AsyncWrite for JsonParseErrors<T> {
     }
 }
 
+pub const HEADERS_TOO_LARGE: &str =
+    "the request's headers are too large (the limit is 1 MiB); send fewer or smaller headers";
+
+/// The size of a request's head as it arrived (request line, header lines,
+/// blank line). hyper refuses a head larger than its buffer only when the
+/// buffer fills before the head is complete: one read can take it past the
+/// limit with the whole head in, so the limit is checked again here.
+pub fn head_size(method: &http::Method, uri: &http::Uri, headers: &http::HeaderMap) -> usize {
+    let target = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
+        + uri.authority().map_or(0, |authority| authority.as_str().len())
+        + uri.path_and_query().map_or(0, |path| path.as_str().len());
+    let request_line = method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let header_lines: usize =
+        headers.iter().map(|(name, value)| name.as_str().len() + 2 + value.len() + 2).sum();
+    request_line + header_lines + 2
+}
+
 /// If `written` is one of hyper's automatic error heads, the full replacement
 /// response (head and JSON body); otherwise `None`.
 pub fn replace_automatic_error(written: &[u8]) -> Option<Bytes> {
@@ -120,7 +137,7 @@ pub fn replace_automatic_error(written: &[u8]) -> Option<Bytes> {
     }
     let code = response.code?;
     let message = match code {
-        431 => "the request's headers are too large (the limit is 1 MiB); send fewer or smaller headers",
+        431 => HEADERS_TOO_LARGE,
         414 => "the request's URI is too long; send large parameters in the request body instead",
         _ => "the request is not valid HTTP/1.1 (bad request line, header or URI); check the client that sent it",
     };
@@ -139,6 +156,15 @@ pub fn replace_automatic_error(written: &[u8]) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_size_counts_the_request_line_and_every_header_line() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("host", http::HeaderValue::from_static("x"));
+        headers.insert("x-filler", http::HeaderValue::from_static("aaaa"));
+        let size = head_size(&http::Method::GET, &"/_ping".parse().unwrap(), &headers);
+        assert_eq!(size, "GET /_ping HTTP/1.1\r\nhost: x\r\nx-filler: aaaa\r\n\r\n".len());
+    }
 
     #[test]
     fn replaces_hypers_bare_error_heads() {

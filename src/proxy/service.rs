@@ -59,6 +59,16 @@ pub async fn handle(
             "CONNECT is not part of the Docker API; published ports are forwarded by offload itself",
         ));
     }
+    if super::parse_errors::head_size(request.method(), request.uri(), request.headers())
+        > super::MAX_HEAD_BYTES
+    {
+        let mut response = error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            super::parse_errors::HEADERS_TOO_LARGE,
+        );
+        response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        return Ok(response);
+    }
     if request.uri().path().starts_with(crate::link::protocol::TUNNEL_PATH) {
         // Like CONNECT: a local client must not dial the remote's loopback.
         return Ok(error_response(
