@@ -961,10 +961,7 @@ impl RelayFloor {
             println!("relay floor: socat not found, its rows are left out");
             return Ok(None);
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|addr| addr.port())
-            .context("finding a free port")?;
+        let port = common::free_port()?;
         let mut command = guarded_command(&socat);
         command
             .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,nodelay"))

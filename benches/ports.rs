@@ -50,7 +50,8 @@ use common::procfs::{load_average, process_tree, stat_fields};
 use common::report::{Columns, Paired, Report, Style, Target};
 use common::stats::{median, megabytes_per_sec, WyRand};
 use common::{
-    env_or, guarded_command, is_running, run_bounded, sections, within, Context, Result, DEFAULT_IMAGE,
+    env_or, free_port, guarded_command, is_running, run_bounded, sections, within, Context, Result,
+    DEFAULT_IMAGE,
 };
 use relay::{measure_rtt, start_relay, RttFigures};
 use rig::{Daemon, Sshd};
@@ -235,8 +236,9 @@ async fn run(config: &Config, report: &mut Report) -> Result<()> {
     let mut rig = Rig::start(config, dir.path()).await?;
     report.note(format!(
         "forwards: client -> proxy listener ({LO_ADDRESS} straight to the agent, {WAN_ADDRESS} through \
-         the delay relay) -> CONNECT stream on the link (mutual TLS, h2) -> agent -> \
-         {ENGINE_ADDRESS}:PORT (the engine's docker-proxy) -> container"
+         the delay relay) -> tunnel stream on the link (POST /_offload/v1/tunnel/PORT, mutual TLS, h2) \
+         -> agent -> the container's own address, read from the engine's docker-proxy for \
+         {ENGINE_ADDRESS}:PORT (the baselines go through that docker-proxy)"
     ));
     let targets = match rig.targets(config).await {
         Ok(targets) => targets,
@@ -608,14 +610,6 @@ async fn start_proxy(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A free loopback port, learned by binding and letting go.
-fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .context("finding a free port")
 }
 
 fn find_tool(name: &str) -> Result<PathBuf> {

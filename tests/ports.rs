@@ -132,6 +132,37 @@ fn fixed_random_all_and_ranged_ports() {
     assert!(fetch(&netns, fixed_port).is_none(), "the forward outlived its container");
 }
 
+/// The agent skips the engine's userland proxy: for a published port it
+/// dials the container's own address, exactly the one the engine reports, and
+/// the forward answers. A port nothing publishes, or no longer, has no target.
+#[test]
+fn the_agent_dials_the_container_behind_a_published_port() {
+    ensure_images();
+    let netns = NetNs::new();
+    let proxy = Proxy::start_in_netns(&netns);
+    let mut cleanup = Cleanup::default();
+    let name = cleanup.container(&unique("direct"));
+    docker(&proxy, &["run", "-d", "--name", &name, "-p", "80", IMAGE, "sh", "-c", HTTPD]);
+    let port = host_port(&proxy, &name, "80/tcp");
+    let mut command = engine();
+    command.args(["inspect", "--format", "{{.NetworkSettings.IPAddress}}", &name]);
+    let ip = ok(run(command, None, LIMIT)).trim().to_string();
+    let container: std::net::SocketAddr = format!("{ip}:80").parse().expect("the container's address");
+
+    let published = offload::agent::published::PublishedPorts::default();
+    let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(published.container_for(loopback(port)), Some(container));
+    assert_eq!(published.container_for(loopback(free_port())), None, "a port nothing publishes");
+    let hostname = short_id(&proxy, &name);
+    assert!(
+        eventually(Duration::from_secs(10), || fetch(&netns, port).is_some_and(|b| b.trim() == hostname)),
+        "the forward to {port} answers"
+    );
+
+    docker(&proxy, &["rm", "-f", &name]);
+    assert_eq!(published.container_for(loopback(port)), None, "the port was freed with its container");
+}
+
 /// A port that is free on this machine right now (the kernel picks it).
 fn free_port() -> u16 {
     loop {

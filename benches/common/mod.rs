@@ -107,6 +107,14 @@ pub async fn within<T>(
     tokio::time::timeout(limit, step).await.map_err(|_| format!("{what}: no answer within {limit:?}"))?
 }
 
+/// A free loopback port, learned by binding and letting go.
+pub fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .context("finding a free port")
+}
+
 /// Whether `pid` (as text, from a label or a directory name) is a live process.
 pub fn is_running(pid: &str) -> bool {
     pid.parse::<u32>().is_ok() && Path::new("/proc").join(pid).exists()

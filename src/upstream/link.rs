@@ -126,12 +126,11 @@ impl Upstream for LinkUpstream {
     }
 
     fn open_tunnel(&self, port: u16) -> BoxFuture<io::Result<Tunnel>> {
-        Box::pin(self.inner.clone().connect(port, false))
+        Box::pin(self.inner.clone().open_tcp(port))
     }
 
     fn open_udp_tunnel(&self, port: u16) -> BoxFuture<io::Result<BoxedIo>> {
-        let tunnel = self.inner.clone().connect(port, true);
-        Box::pin(async move { tunnel.await.map(Tunnel::into_io) })
+        Box::pin(self.inner.clone().connect(port, true))
     }
 }
 
@@ -143,13 +142,19 @@ impl Inner {
         UpstreamError { kind, what: "the offload agent", target: self.described.clone(), reason }
     }
 
-    /// A forwarded connection (TCP) or UDP flow: `CONNECT 127.0.0.1:<port>`,
-    /// or for TCP, when the agent serves it, a one-round-trip stream tunnel.
-    async fn connect(self: Arc<Self>, port: u16, udp: bool) -> io::Result<Tunnel> {
+    /// A forwarded TCP connection: a one-round-trip stream tunnel when the
+    /// agent serves it, else a CONNECT.
+    async fn open_tcp(self: Arc<Self>, port: u16) -> io::Result<Tunnel> {
         let link = self.link().await.map_err(|e| io::Error::other(e.user_message()))?;
-        if !udp && link.session.features.iter().any(|f| f == protocol::FEATURE_STREAM_TUNNEL) {
+        if link.session.features.iter().any(|f| f == protocol::FEATURE_STREAM_TUNNEL) {
             return Ok(Tunnel::Stream(stream_tunnel(link.sender, port)));
         }
+        self.connect(port, false).await.map(Tunnel::Io)
+    }
+
+    /// A forwarded connection (TCP) or UDP flow: `CONNECT 127.0.0.1:<port>`.
+    async fn connect(self: Arc<Self>, port: u16, udp: bool) -> io::Result<BoxedIo> {
+        let link = self.link().await.map_err(|e| io::Error::other(e.user_message()))?;
         let mut request = Request::connect(format!("127.0.0.1:{port}"));
         if udp {
             request = request.header(protocol::PROTOCOL, protocol::PROTOCOL_UDP);
@@ -165,7 +170,7 @@ impl Inner {
             ));
         }
         let upgraded = hyper::upgrade::on(&mut response).await.map_err(io::Error::other)?;
-        Ok(Tunnel::Io(Box::new(TokioIo::new(upgraded))))
+        Ok(Box::new(TokioIo::new(upgraded)))
     }
 
     /// The live link, or a new one (single-flight: concurrent callers wait).

@@ -49,13 +49,6 @@ impl Tunnel {
             Tunnel::Io(io) => splice(io, local).await,
         }
     }
-
-    pub fn into_io(self) -> BoxedIo {
-        match self {
-            Tunnel::Stream(stream) => Box::new(stream),
-            Tunnel::Io(io) => io,
-        }
-    }
 }
 
 /// One request/response exchange with an upstream.
