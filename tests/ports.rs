@@ -163,6 +163,47 @@ fn the_agent_dials_the_container_behind_a_published_port() {
     assert_eq!(published.container_for(loopback(port)), None, "the port was freed with its container");
 }
 
+/// A connection the container's program resets reaches the local client as a
+/// reset, not as a clean end (which would claim everything sent arrived).
+#[test]
+fn a_reset_in_the_container_reaches_the_client_as_a_reset() {
+    ensure_images();
+    let netns = NetNs::new();
+    let proxy = Proxy::start_in_netns(&netns);
+    let mut cleanup = Cleanup::default();
+    let name = cleanup.container(&unique("reset"));
+    // `sleep` gets the connection and never reads it: closing a socket with
+    // unread bytes sends an RST.
+    docker(
+        &proxy,
+        &["run", "-d", "--name", &name, "-p", "80", IMAGE, "nc", "-l", "-p", "80", "-e", "sleep", "1"],
+    );
+    let port = host_port(&proxy, &name, "80/tcp");
+    let listening = || {
+        let mut command = engine();
+        command.args(["exec", &name, "netstat", "-ltn"]);
+        String::from_utf8_lossy(&run(command, None, LIMIT).stdout).contains(":80 ")
+    };
+    assert!(eventually(Duration::from_secs(10), listening), "nc listens in the container");
+
+    let mut client = netns.command("python3");
+    client.args(["-c", RESET_PROBE, &port.to_string()]);
+    let output = run(client, None, LIMIT);
+    let said = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert_eq!(said, "reset", "{}\n{}", String::from_utf8_lossy(&output.stderr), proxy.log_text());
+}
+
+/// Connects to 127.0.0.1:PORT, sends bytes, and says how the connection ended.
+const RESET_PROBE: &str = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+s.sendall(b"never read")
+try:
+    print("eof" if s.recv(100) == b"" else "data")
+except ConnectionResetError:
+    print("reset")
+"#;
+
 /// A port that is free on this machine right now (the kernel picks it).
 fn free_port() -> u16 {
     loop {
@@ -311,9 +352,12 @@ type LinkSender = hyper::client::conn::http2::SendRequest<
 /// An agent on a unix socket in `dir`, and a link to it with a session open,
 /// spoken directly as a proxy (or an attacker with access to the agent) would.
 async fn agent_link(dir: &std::path::Path) -> (AgentProcess, LinkSender) {
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::Bytes;
+    let agent = start_agent(dir);
+    (agent, open_link(&dir.join("agent.sock")).await)
+}
 
+/// An agent listening on `agent.sock` in `dir`.
+fn start_agent(dir: &std::path::Path) -> AgentProcess {
     let socket = dir.join("agent.sock");
     let args = [
         "--listen".to_string(),
@@ -322,8 +366,21 @@ async fn agent_link(dir: &std::path::Path) -> (AgentProcess, LinkSender) {
         "--state-dir".into(),
         dir.join("state").display().to_string(),
     ];
-    let (agent, _) = AgentProcess::start(dir, &args);
-    let io = tokio::net::UnixStream::connect(&socket).await.expect("agent");
+    AgentProcess::start(dir, &args).0
+}
+
+/// A link to the agent at `socket` with a session open; its request bodies
+/// may fail with `E` (a failed body is how a proxy aborts a stream).
+async fn open_link<E>(
+    socket: &std::path::Path,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::combinators::BoxBody<hyper::body::Bytes, E>>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+
+    let io = tokio::net::UnixStream::connect(socket).await.expect("agent");
     let (mut link, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(io),
@@ -332,10 +389,70 @@ async fn agent_link(dir: &std::path::Path) -> (AgentProcess, LinkSender) {
     .expect("h2");
     tokio::spawn(connection);
     let session = hyper::Request::post("http://agent/_offload/v1/session")
-        .body(Full::new(Bytes::from_static(b"{}")).boxed())
+        .body(Full::new(Bytes::from_static(b"{}")).map_err(|never| match never {}).boxed())
         .expect("request");
     assert!(link.send_request(session).await.expect("session").status().is_success());
-    (agent, link)
+    link
+}
+
+/// An abort crosses a tunnel as an abort, both ways: a port that resets
+/// fails the tunnel's answer (not a clean end), and a proxy whose client
+/// aborted (its writer dropped unshut) resets the agent's connection.
+#[tokio::test]
+async fn aborts_cross_a_tunnel_as_resets() {
+    use http_body_util::BodyExt;
+    use offload::link::stream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let _agent = start_agent(dir.path());
+    let mut link = open_link::<offload::body::BodyError>(&dir.path().join("agent.sock")).await;
+    let tunnel = |port: u16, body: offload::body::Body| {
+        hyper::Request::post(format!("http://agent/_offload/v1/tunnel/{port}")).body(body).expect("request")
+    };
+
+    // The port resets after reading: the answer's body fails.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut buffer = [0u8; 5];
+        socket.read_exact(&mut buffer).await.expect("read");
+        socket.write_all(b"partial").await.expect("write");
+        socket.set_zero_linger().expect("linger");
+    });
+    let (mut writer, body) = stream::channel();
+    writer.write_all(b"hello").await.expect("send");
+    let answer = link.send_request(tunnel(port, offload::body::stream(body))).await.expect("answer");
+    assert_eq!(answer.status(), 200);
+    server.await.expect("server");
+    let outcome = answer.into_body().collect().await;
+    assert!(outcome.is_err(), "a reset port ended the tunnel cleanly: {outcome:?}");
+    drop(writer);
+
+    // The proxy's side aborts: the port's program reads a reset, not an end.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (read_hello, hello_read) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut buffer = [0u8; 5];
+        socket.read_exact(&mut buffer).await.expect("read");
+        let _ = read_hello.send(());
+        let mut rest = Vec::new();
+        socket.read_to_end(&mut rest).await.map(|_| rest)
+    });
+    let (mut writer, body) = stream::channel();
+    writer.write_all(b"hello").await.expect("send");
+    let answer = link.send_request(tunnel(port, offload::body::stream(body))).await.expect("answer");
+    assert_eq!(answer.status(), 200);
+    hello_read.await.expect("the port read the first bytes");
+    drop(writer);
+    let outcome =
+        tokio::time::timeout(LIMIT, server).await.expect("the port's connection ended").expect("server");
+    let error = outcome.expect_err("an aborted tunnel ended the port's connection cleanly");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+    drop(answer);
 }
 
 /// `CONNECT target` as the proxy sends it, marked as a UDP flow when `udp`.

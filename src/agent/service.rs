@@ -461,6 +461,7 @@ async fn tunnel(
         let mut stream = stream;
         if let Err(error) = splice(&mut link, &mut stream).await {
             tracing::debug!(%error, port, "forwarded connection aborted");
+            reset(&stream);
         }
     });
     Response::new(body::empty())
@@ -513,6 +514,15 @@ async fn dial_forward(
     }
 }
 
+/// Ends a forwarded connection with a reset (RST) when it is dropped: the
+/// other end of the link aborted, and a clean close would tell the port's
+/// program that everything it was sent arrived.
+fn reset(stream: &tokio::net::TcpStream) {
+    if let Err(error) = stream.set_zero_linger() {
+        tracing::debug!(%error, "cannot set SO_LINGER 0; the connection ends with a FIN");
+    }
+}
+
 /// A container on a bridge of this host answers a connect at once; one that
 /// does not (a network the agent cannot route to) is reached through its port.
 const DIRECT_DIAL_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -540,10 +550,11 @@ async fn stream_tunnel(
         let mut link = LinkStream { reader: BodyReader::new(request.into_body()), writer };
         let mut stream = stream;
         match relay_link_stream(&mut link, &mut stream, ended).await {
-            Ok(Some(_)) => {}
+            Ok(Some(_)) => return,
             Ok(None) => tracing::debug!(port, "forwarded connection reset by the proxy"),
             Err(error) => tracing::debug!(%error, port, "forwarded connection aborted"),
         }
+        reset(&stream);
     });
     Response::new(body::stream(response_body))
 }

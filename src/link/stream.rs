@@ -1,9 +1,13 @@
 //! Byte streams carried on HTTP/2 bodies: a body read as `AsyncRead`, and an
 //! `AsyncWrite` that feeds a body. Shutting the writer down ends the body
-//! (END_STREAM): that is how a half-close crosses the link.
+//! (END_STREAM): that is how a half-close crosses the link. A writer dropped
+//! without that ends its body with an error, which hyper sends as RST_STREAM:
+//! an abort crosses the link as an abort, not as a clean end.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -157,6 +161,9 @@ pub struct ChannelBody {
     /// Tells the writer's owner how the body went: sent `()` at its end,
     /// dropped unsent when the body is dropped before it (a reset).
     ended: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Set by the writer's close: without it, the channel's end is an abort.
+    closed: Arc<AtomicBool>,
+    aborted: bool,
 }
 
 impl HttpBody for ChannelBody {
@@ -167,25 +174,40 @@ impl HttpBody for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = ready!(self.frames.poll_recv(cx));
-        if frame.is_none() {
-            if let Some(ended) = self.ended.take() {
-                let _ = ended.send(());
+        match ready!(self.frames.poll_recv(cx)) {
+            Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            None if self.closed.load(Ordering::Acquire) => {
+                if let Some(ended) = self.ended.take() {
+                    let _ = ended.send(());
+                }
+                Poll::Ready(None)
+            }
+            None if self.aborted => Poll::Ready(None),
+            None => {
+                // Reported once; hyper then resets the stream.
+                self.aborted = true;
+                self.ended = None;
+                Poll::Ready(Some(Err("the stream was aborted".into())))
             }
         }
-        Poll::Ready(frame.map(|data| Ok(Frame::data(data))))
     }
 }
 
-/// Writes into a [`ChannelBody`]; shutdown ends the body.
+/// Writes into a [`ChannelBody`]; shutdown ends the body, dropping the writer
+/// without it aborts the body.
 pub struct BodyWriter {
     frames: PollSender<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 /// A connected writer and body.
 pub fn channel() -> (BodyWriter, ChannelBody) {
     let (sender, receiver) = mpsc::channel(CHANNEL_FRAMES);
-    (BodyWriter { frames: PollSender::new(sender) }, ChannelBody { frames: receiver, ended: None })
+    let closed = Arc::new(AtomicBool::new(false));
+    (
+        BodyWriter { frames: PollSender::new(sender), closed: closed.clone() },
+        ChannelBody { frames: receiver, ended: None, closed, aborted: false },
+    )
 }
 
 /// The same, and a receiver that fails if the body is dropped before its
@@ -214,6 +236,7 @@ impl ChunkSink for BodyWriter {
     }
 
     fn close(&mut self) {
+        self.closed.store(true, Ordering::Release);
         // A slot reserved and not used holds the channel open: give it back.
         self.frames.abort_send();
         self.frames.close();
@@ -335,6 +358,25 @@ mod tests {
         assert_eq!(answer, b"answer");
         let counts = relay.await.unwrap().unwrap();
         assert_eq!(counts, Spliced { a_to_b: 6, b_to_a: 3_000_000 });
+    }
+
+    #[tokio::test]
+    async fn a_writer_dropped_without_shutdown_aborts_its_body() {
+        let (mut writer, body, notice) = channel_noticing_drop();
+        writer.write_all(b"partial").await.unwrap();
+        drop(writer);
+        let error = body.collect().await.expect_err("an abort is no clean end");
+        assert!(error.to_string().contains("aborted"), "{error}");
+        assert!(notice.await.is_err(), "an aborted body did not end");
+
+        // The abort is reported once, and the frames before it are delivered.
+        let (mut writer, mut body) = channel();
+        writer.write_all(b"a").await.unwrap();
+        drop(writer);
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().ok().as_deref(), Some(&b"a"[..]));
+        assert!(body.frame().await.expect("the abort").is_err());
+        assert!(body.frame().await.is_none());
     }
 
     #[tokio::test]

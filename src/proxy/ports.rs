@@ -218,7 +218,9 @@ impl PortForwards {
                                     tracing::warn!(%peer, port, %error, "cannot forward a connection")
                                 }
                                 Err(error) => {
-                                    tracing::debug!(%peer, port, %error, "forwarded connection aborted")
+                                    tracing::debug!(%peer, port, %error, "forwarded connection aborted");
+                                    // The abort reaches the client as one (RST), not as a clean end.
+                                    let _ = local.set_zero_linger();
                                 }
                                 Ok(_) => {}
                             }

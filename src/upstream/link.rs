@@ -339,8 +339,10 @@ impl Inner {
         let switched =
             response.headers().get(protocol::STATUS).is_some_and(|status| status.as_bytes() == b"101");
         if !switched {
-            // The engine answered without switching (an error, usually);
-            // dropping the writer ends our side of the stream.
+            // The engine answered without switching (an error, usually): end
+            // our side cleanly (a dropped writer would reset the stream, and
+            // with it the answer's body).
+            let _ = writer.shutdown().await;
             return Ok(Exchange { response: from_link_response(response, &method), upgrade: None });
         }
         let (mut head, response_body) = response.into_parts();
