@@ -7,6 +7,12 @@
 //! small and grow only for streams that move data, so a thousand idle
 //! attaches cost little memory.
 //!
+//! A write that fails with a broken pipe (the peer stopped reading: a
+//! container that exited while stdin still flowed, a server that answered
+//! and closed) ends that direction only: what the peer still sends, its last
+//! output first of all, is relayed to its end before the splice reports the
+//! failure. Any other error ends both directions at once.
+//!
 //! [`splice_chunks`] does the same between a socket and a source and sink of
 //! owned chunks (the two HTTP/2 bodies of a link stream): the socket is read
 //! straight into the chunks that go out, and the chunks that come in are
@@ -30,7 +36,8 @@ pub struct Spliced {
     pub b_to_a: u64,
 }
 
-/// Relays `a` ⇄ `b` until both directions reached EOF, or one failed.
+/// Relays `a` ⇄ `b` until both directions reached EOF, or one failed (a
+/// broken pipe first lets the other direction finish).
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<Spliced>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -47,6 +54,7 @@ where
         }
     })
     .await?;
+    first_broken(&mut a_to_b.broken, &mut b_to_a.broken)?;
     Ok(Spliced { a_to_b: a_to_b.total, b_to_a: b_to_a.total })
 }
 
@@ -87,7 +95,27 @@ where
         }
     })
     .await?;
+    first_broken(&mut incoming.broken, &mut outgoing.broken)?;
     Ok(Spliced { a_to_b: incoming.total, b_to_a: outgoing.total })
+}
+
+/// A write that failed because its peer stopped reading; any other error is
+/// returned at once.
+fn broken_pipe(error: io::Error) -> Result<io::Error, io::Error> {
+    if error.kind() == io::ErrorKind::BrokenPipe {
+        Ok(error)
+    } else {
+        Err(error)
+    }
+}
+
+/// The splice's outcome once both directions ended: a broken pipe in either
+/// is still a failure (the peer did not take everything it was sent).
+fn first_broken(one: &mut Option<io::Error>, other: &mut Option<io::Error>) -> io::Result<()> {
+    match one.take().or_else(|| other.take()) {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
 /// Socket → sink: reads into the free end of a buffer and sends what each
@@ -98,12 +126,14 @@ struct IntoChunks {
     /// shrinks again when they come back small (a burst that ended).
     read_size: usize,
     finished: bool,
+    /// The sink's reader went away (see the module's note on broken pipes).
+    broken: Option<io::Error>,
     total: u64,
 }
 
 impl Default for IntoChunks {
     fn default() -> Self {
-        Self { buffer: BytesMut::new(), read_size: INITIAL_BUFFER, finished: false, total: 0 }
+        Self { buffer: BytesMut::new(), read_size: INITIAL_BUFFER, finished: false, broken: None, total: 0 }
     }
 }
 
@@ -118,7 +148,9 @@ impl IntoChunks {
         }
         loop {
             // Read only what the sink can take: its backpressure is ours.
-            ready!(sink.poll_ready(cx))?;
+            if let Err(error) = ready!(sink.poll_ready(cx)) {
+                return self.stop(error);
+            }
             // Every read gets its full size: reads cut short by a nearly used
             // buffer cost more syscalls and smaller frames than the memory saved.
             if self.buffer.capacity() < self.read_size {
@@ -138,8 +170,19 @@ impl IntoChunks {
                 self.read_size /= 4;
             }
             self.total += n as u64;
-            sink.send(self.buffer.split().freeze())?;
+            if let Err(error) = sink.send(self.buffer.split().freeze()) {
+                return self.stop(error);
+            }
         }
+    }
+
+    /// Ends this direction after the sink failed: for good if its reader
+    /// went away, the whole splice otherwise.
+    fn stop(&mut self, error: io::Error) -> Poll<io::Result<()>> {
+        self.broken = Some(broken_pipe(error)?);
+        self.finished = true;
+        self.buffer = BytesMut::new();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -150,6 +193,8 @@ struct FromChunks {
     source_done: bool,
     needs_flush: bool,
     finished: bool,
+    /// The socket's peer stopped reading (see the module's note).
+    broken: Option<io::Error>,
     total: u64,
 }
 
@@ -169,10 +214,16 @@ impl FromChunks {
         }
         loop {
             while !self.pending.is_empty() {
-                let n = ready!(Pin::new(&mut *socket).poll_write(cx, &self.pending))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
+                let n = match ready!(Pin::new(&mut *socket).poll_write(cx, &self.pending)) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => n,
+                    Err(error) => {
+                        self.broken = Some(broken_pipe(error)?);
+                        self.finished = true;
+                        self.pending = Bytes::new();
+                        return Poll::Ready(Ok(()));
+                    }
+                };
                 self.pending.advance(n);
                 self.total += n as u64;
                 self.needs_flush = true;
@@ -209,6 +260,8 @@ struct Pipe {
     read_done: bool,
     needs_flush: bool,
     finished: bool,
+    /// The writer's peer stopped reading (see the module's note).
+    broken: Option<io::Error>,
     total: u64,
 }
 
@@ -250,10 +303,17 @@ impl Pipe {
                 }
             }
             while self.start < self.end {
-                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buffer[self.start..self.end]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
+                let n = match ready!(Pin::new(&mut *writer).poll_write(cx, &self.buffer[self.start..self.end]))
+                {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => n,
+                    Err(error) => {
+                        self.broken = Some(broken_pipe(error)?);
+                        self.finished = true;
+                        self.buffer = Vec::new();
+                        return Poll::Ready(Ok(()));
+                    }
+                };
                 self.start += n;
                 self.total += n as u64;
                 self.needs_flush = true;
@@ -280,6 +340,7 @@ impl Pipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
@@ -309,6 +370,52 @@ mod tests {
         writer.await.unwrap();
         let counts = relay.await.unwrap().unwrap();
         assert_eq!(counts, Spliced { a_to_b: 5, b_to_a: 300_000 });
+    }
+
+    /// A peer that closed while bytes still flowed to it: what it sent before
+    /// closing still reaches the other side, then the splice reports the
+    /// broken pipe. Other failures end the splice at once.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_still_has_its_output_relayed() {
+        let (mut client, mut client_side) = tokio::net::UnixStream::pair().unwrap();
+        let (mut server_side, mut server) = tokio::net::UnixStream::pair().unwrap();
+        client.write_all(b"stdin").await.unwrap();
+        server.write_all(b"last output").await.unwrap();
+        drop(server);
+
+        let error = splice(&mut client_side, &mut server_side).await.expect_err("stdin was not taken");
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe, "{error}");
+        drop(client_side);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last output");
+
+        // A read that fails is no broken pipe of the writer's: it ends both ways.
+        struct Failing;
+        impl AsyncRead for Failing {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "the stream failed")))
+            }
+        }
+        impl AsyncWrite for Failing {
+            fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                Poll::Ready(Ok(buf.len()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        // `silent` never ends on its own: only an immediate failure returns.
+        let (mut silent, _held) = duplex(64);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), splice(&mut Failing, &mut silent)).await;
+        assert!(outcome.expect("a failed read ends the splice").is_err());
     }
 
     #[tokio::test]

@@ -262,3 +262,84 @@ fn run_cut_off(extra: &[&str]) {
     // The client hears why, not a bare "unexpected EOF".
     assert!(said.contains("offload: the connection to") && said.contains("was lost"), "{extra:?}: {said}");
 }
+
+/// A program that exits while its stdin still flows (`docker run -i ... head
+/// -c 5` fed a large input) still has its output delivered, and its attach
+/// ends with the client. Before, each such run left the agent relaying a
+/// stream whose request window the engine never read, and after a handful
+/// of them the link carried no request with a body (`docker create` hung).
+#[test]
+fn programs_that_stop_reading_stdin_lose_no_output_and_do_not_wedge_the_link() {
+    ensure_images();
+    let proxy = Proxy::start_via(Via::UnixAgent);
+    let mut cleanup = Cleanup::default();
+    for round in 0..8 {
+        let name = cleanup.container(&unique("stdin"));
+        let mut command = proxy.docker(DOCKER_28);
+        command.args(["run", "-i", "--name", &name, IMAGE, "head", "-c", "5"]);
+        let output = run_fed(command, 20 << 20);
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "y\ny\ny",
+            "round {round}: {}\n{}",
+            stderr_of(&output),
+            proxy.log_text()
+        );
+    }
+    // A request with a body still passes.
+    let name = cleanup.container(&unique("after"));
+    let mut command = proxy.docker(DOCKER_28);
+    command.args(["create", "--name", &name, IMAGE, "true"]);
+    let output = run(command, None, LIMIT);
+    assert!(output.status.success(), "{}\n{}", stderr_of(&output), proxy.log_text());
+}
+
+/// Runs `command` with `bytes` of "y\n" offered on stdin (as `yes | head -c`
+/// would: the writer stops at the first failed write) and its stdout read.
+fn run_fed(mut command: std::process::Command, bytes: usize) -> std::process::Output {
+    use std::io::{Read, Write};
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn docker");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let feeder = std::thread::spawn(move || {
+        let chunk = b"y\n".repeat(32 << 10);
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if stdin.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            left -= n;
+        }
+    });
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stdout.read_to_end(&mut bytes);
+        bytes
+    });
+    let err = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stderr.read_to_end(&mut bytes);
+        bytes
+    });
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = feeder.join();
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}

@@ -455,6 +455,63 @@ async fn aborts_cross_a_tunnel_as_resets() {
     drop(answer);
 }
 
+/// The proxy's abort of a stream: by number, with POST; one that is not
+/// relayed (ended, or never was) is no error of the link's.
+#[tokio::test]
+async fn the_agent_takes_aborts_by_stream_number() {
+    use offload::body;
+    use tokio::io::AsyncReadExt;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let _agent = start_agent(dir.path());
+    let mut link = open_link::<body::BodyError>(&dir.path().join("agent.sock")).await;
+    let request = |method: hyper::Method, path: &str| {
+        hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://agent{path}"))
+            .body(body::empty())
+            .expect("request")
+    };
+    let (status, said) = answer_of(&mut link, request(hyper::Method::POST, "/_offload/v1/abort/x")).await;
+    assert!(status == 400 && said.contains("not a stream number"), "{status} {said}");
+    let (status, said) = answer_of(&mut link, request(hyper::Method::GET, "/_offload/v1/abort/1")).await;
+    assert!(status == 405 && said.contains("POST"), "{status} {said}");
+    assert_eq!(answer_of(&mut link, request(hyper::Method::POST, "/_offload/v1/abort/1")).await.0, 404);
+
+    // A tunnel numbered 7, its client still open: the abort ends it at once,
+    // as a reset of the port's connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (writer, request_body) = offload::link::stream::channel();
+    let tunnel = hyper::Request::post(format!("http://agent/_offload/v1/tunnel/{port}"))
+        .header("x-offload-stream", "7")
+        .body(body::stream(request_body))
+        .expect("request");
+    let answer = link.send_request(tunnel).await.expect("answer");
+    assert_eq!(answer.status(), 200);
+    let (mut socket, _) = listener.accept().await.expect("accept");
+    assert_eq!(answer_of(&mut link, request(hyper::Method::POST, "/_offload/v1/abort/7")).await.0, 204);
+    let mut rest = Vec::new();
+    let read =
+        tokio::time::timeout(LIMIT, socket.read_to_end(&mut rest)).await.expect("the connection ended");
+    assert_eq!(read.expect_err("an abort is no clean end").kind(), std::io::ErrorKind::ConnectionReset);
+    drop((answer, writer));
+}
+
+/// The status and body of the agent's answer to `request`.
+async fn answer_of(
+    link: &mut hyper::client::conn::http2::SendRequest<offload::body::Body>,
+    request: hyper::Request<offload::body::Body>,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let answer = link.send_request(request).await.expect("answer");
+    let status = answer.status().as_u16();
+    (
+        status,
+        String::from_utf8_lossy(&answer.into_body().collect().await.expect("body").to_bytes()).to_string(),
+    )
+}
+
 /// `CONNECT target` as the proxy sends it, marked as a UDP flow when `udp`.
 fn connect_request(
     target: &str,

@@ -1,6 +1,7 @@
 //! The remote half: serves the link next to dockerd, forwards Docker API
 //! streams to the engine, and (later) owns sessions and remote security.
 
+pub mod aborts;
 pub mod cleanup;
 pub mod engine_calls;
 pub mod idle;
@@ -36,7 +37,10 @@ use sync::{AgentSync, SyncConfig};
 /// deadlocks if its `wait` cannot start.
 const MAX_CONCURRENT_STREAMS: u32 = 100_000;
 const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Many times a stream's window: a stream whose reader stopped (a paused
+/// container, a slow `logs -f` consumer) holds its whole window, and the
+/// connection's must stay open for every other stream past dozens of them.
+const CONNECTION_WINDOW: u32 = 256 << 20;
 const MAX_FRAME: u32 = 64 << 10;
 const MAX_SEND_BUFFER: usize = 256 << 10;
 const PING_INTERVAL: Duration = Duration::from_secs(10);
@@ -164,7 +168,11 @@ where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     tracing::info!("link up");
-    let link = Arc::new(LinkContext { session: std::sync::OnceLock::new(), closer: token.child_token() });
+    let link = Arc::new(LinkContext {
+        session: std::sync::OnceLock::new(),
+        closer: token.child_token(),
+        aborts: Arc::default(),
+    });
     let closer = link.closer.clone();
     let service = service_fn(move |request| service::handle(state.clone(), link.clone(), request));
     let connection = http2::Builder::new(TokioExecutor::new())

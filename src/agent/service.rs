@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use super::aborts::{aborted, AbortWatch, StreamAborts};
 use super::engine_calls::{call, json, labelled, Kind};
 use super::idle::end_session;
 use super::session::{ActivityGuard, ActivityKind, Session, Sessions};
@@ -56,6 +57,8 @@ impl AgentState {
 pub struct LinkContext {
     pub session: OnceLock<Arc<Session>>,
     pub closer: CancellationToken,
+    /// This link's relayed streams, for the proxy's aborts.
+    pub aborts: Arc<StreamAborts>,
 }
 
 pub async fn handle(
@@ -86,12 +89,22 @@ pub async fn handle(
         let _activity = (!request.headers().contains_key(protocol::BACKGROUND))
             .then(|| session.activity(ActivityKind::Request));
         state.sync.handle(&session, request).await
+    } else if let Some(id) = path.strip_prefix(protocol::ABORT_PATH).and_then(|rest| rest.strip_prefix('/')) {
+        match id.parse::<u64>() {
+            Ok(id) if request.method() == Method::POST => {
+                let status =
+                    if link.aborts.abort(id) { StatusCode::NO_CONTENT } else { StatusCode::NOT_FOUND };
+                Response::builder().status(status).body(body::empty()).unwrap_or_default()
+            }
+            Ok(_) => error_response(StatusCode::METHOD_NOT_ALLOWED, "an abort is sent with POST"),
+            Err(_) => error_response(StatusCode::BAD_REQUEST, &format!("not a stream number: {id}")),
+        }
     } else if let Some(port) =
         path.strip_prefix(protocol::TUNNEL_PATH).and_then(|rest| rest.strip_prefix('/'))
     {
         if request.method() == Method::POST {
             let port = port.to_string();
-            stream_tunnel(&state, &session, request, &port).await
+            stream_tunnel(&state, &session, &link, request, &port).await
         } else {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "a tunnel is opened with POST")
         }
@@ -104,7 +117,7 @@ pub async fn handle(
         let activity = (!request.headers().contains_key(protocol::BACKGROUND))
             .then(|| session.activity(ActivityKind::Request));
         match request.headers().get(protocol::UPGRADE).cloned() {
-            Some(protocol_value) => upgrade(&state, &session, request, protocol_value).await,
+            Some(protocol_value) => upgrade(&state, &session, &link, request, protocol_value).await,
             None => forward(&state, &session, request, activity).await,
         }
     };
@@ -533,6 +546,7 @@ const DIRECT_DIAL_LIMIT: std::time::Duration = std::time::Duration::from_millis(
 async fn stream_tunnel(
     state: &AgentState,
     session: &Arc<Session>,
+    link_context: &LinkContext,
     request: Request<Incoming>,
     port: &str,
 ) -> Response<Body> {
@@ -545,11 +559,12 @@ async fn stream_tunnel(
     };
     let (writer, response_body, ended) = stream::channel_noticing_drop();
     let activity = session.activity(ActivityKind::Stream);
+    let abort = abort_watch(link_context, request.headers());
     tokio::spawn(async move {
         let _activity = activity;
         let mut link = LinkStream { reader: BodyReader::new(request.into_body()), writer };
         let mut stream = stream;
-        match relay_link_stream(&mut link, &mut stream, ended).await {
+        match relay_link_stream(&mut link, &mut stream, ended, abort).await {
             Ok(Some(_)) => return,
             Ok(None) => tracing::debug!(port, "forwarded connection reset by the proxy"),
             Err(error) => tracing::debug!(%error, port, "forwarded connection aborted"),
@@ -648,10 +663,12 @@ fn engine_failure(error: &UpstreamError) -> Response<Body> {
 async fn upgrade(
     state: &AgentState,
     session: &Arc<Session>,
+    link_context: &LinkContext,
     request: Request<Incoming>,
     protocol_value: HeaderValue,
 ) -> Response<Body> {
     let background = request.headers().contains_key(protocol::BACKGROUND);
+    let abort = abort_watch(link_context, request.headers());
     let method = request.method().clone();
     let (mut parts, mut incoming) = request.into_parts();
     let body_length: usize = parts
@@ -667,7 +684,7 @@ async fn upgrade(
         Ok(split) => split,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
     };
-    for name in [protocol::UPGRADE, protocol::BODY_LENGTH, protocol::BACKGROUND] {
+    for name in [protocol::UPGRADE, protocol::BODY_LENGTH, protocol::BACKGROUND, protocol::STREAM_ID] {
         parts.headers.remove(name);
     }
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -700,7 +717,7 @@ async fn upgrade(
             Err(error) => return tracing::debug!(%error, "engine upgrade failed"),
         };
         let mut link = LinkStream { reader: BodyReader::with_prefix(incoming, leftover), writer };
-        match relay_link_stream(&mut link, &mut engine, ended).await {
+        match relay_link_stream(&mut link, &mut engine, ended, abort).await {
             Ok(Some(counts)) => {
                 tracing::debug!(sent = counts.a_to_b, received = counts.b_to_a, "upgraded stream ended")
             }
@@ -718,11 +735,13 @@ async fn upgrade(
 /// come after its END_STREAM while `target` is silent (an idle attach, a
 /// quiet port); hyper then drops our response body, `ended` fails, and the
 /// relay ends too instead of holding `target` and the session's activity.
-/// `None`: ended by such a reset.
+/// `None`: ended by such a reset. The proxy's abort (see [`StreamAborts`])
+/// ends it too, as a failure.
 async fn relay_link_stream<T>(
     link: &mut LinkStream<BodyReader<Incoming>>,
     target: &mut T,
     ended: tokio::sync::oneshot::Receiver<()>,
+    mut abort: Option<AbortWatch>,
 ) -> std::io::Result<Option<crate::splice::Spliced>>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
@@ -730,7 +749,16 @@ where
     tokio::select! {
         spliced = link.splice(target) => spliced.map(Some),
         Err(_) = ended => Ok(None),
+        () = aborted(&mut abort) => {
+            Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "aborted by the proxy"))
+        }
     }
+}
+
+/// Watches for the proxy's abort of the stream its `x-offload-stream` names.
+fn abort_watch(link: &LinkContext, headers: &http::HeaderMap) -> Option<AbortWatch> {
+    let id = headers.get(protocol::STREAM_ID)?.to_str().ok()?.parse().ok()?;
+    Some(link.aborts.watch(id))
 }
 
 /// Reads exactly `length` bytes from the start of the body; returns them and

@@ -48,6 +48,13 @@ pub const PROTOCOL_UDP: &str = "udp";
 pub const TUNNEL_PATH: &str = "/_offload/v1/tunnel";
 /// In [`SessionInfo::features`]: the agent serves [`TUNNEL_PATH`].
 pub const FEATURE_STREAM_TUNNEL: &str = "stream-tunnel";
+/// On an upgrade or a tunnel: the proxy's number for the stream (unique on
+/// its link), by which [`ABORT_PATH`] names it.
+pub const STREAM_ID: &str = "x-offload-stream";
+/// `POST <ABORT_PATH>/<stream id>`: the proxy's side of that stream failed;
+/// the agent ends it as an abort. A RST_STREAM would say the same, but hyper
+/// cannot send one while the stream waits for flow-control window.
+pub const ABORT_PATH: &str = "/_offload/v1/abort";
 
 /// The largest upgrade request body the proxy reads before sending (exec
 /// start bodies are a few dozen bytes).

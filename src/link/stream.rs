@@ -198,6 +198,7 @@ impl HttpBody for ChannelBody {
 pub struct BodyWriter {
     frames: PollSender<Bytes>,
     closed: Arc<AtomicBool>,
+    on_abort: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// A connected writer and body.
@@ -205,7 +206,7 @@ pub fn channel() -> (BodyWriter, ChannelBody) {
     let (sender, receiver) = mpsc::channel(CHANNEL_FRAMES);
     let closed = Arc::new(AtomicBool::new(false));
     (
-        BodyWriter { frames: PollSender::new(sender), closed: closed.clone() },
+        BodyWriter { frames: PollSender::new(sender), closed: closed.clone(), on_abort: None },
         ChannelBody { frames: receiver, ended: None, closed, aborted: false },
     )
 }
@@ -223,6 +224,24 @@ pub fn channel_noticing_drop() -> (BodyWriter, ChannelBody, tokio::sync::oneshot
 impl BodyWriter {
     fn closed() -> io::Error {
         io::Error::new(io::ErrorKind::BrokenPipe, "the stream's reader has gone")
+    }
+
+    /// Runs `hook` if the writer is dropped without shutdown. hyper sends a
+    /// body's error as RST_STREAM only when it next polls the body, and it
+    /// does not while a chunk waits for flow-control window the peer is not
+    /// giving (its program stopped reading): the hook tells the peer apart.
+    pub fn on_abort(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.on_abort = Some(Box::new(hook));
+    }
+}
+
+impl Drop for BodyWriter {
+    fn drop(&mut self) {
+        if !self.closed.load(Ordering::Acquire) {
+            if let Some(hook) = self.on_abort.take() {
+                hook();
+            }
+        }
     }
 }
 
@@ -360,6 +379,25 @@ mod tests {
         assert_eq!(counts, Spliced { a_to_b: 6, b_to_a: 3_000_000 });
     }
 
+    /// A program that exits while its stdin still flows (`docker run -i ...
+    /// head -c 5`): its last output still reaches the link, and ends cleanly.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_still_has_its_output_relayed() {
+        let (outgoing_writer, outgoing_body) = channel();
+        let (mut incoming_writer, incoming_body) = channel();
+        let mut link = LinkStream { reader: BodyReader::new(incoming_body), writer: outgoing_writer };
+        let (mut socket, mut program) = tokio::net::UnixStream::pair().unwrap();
+        program.write_all(b"last output").await.unwrap();
+        drop(program);
+        incoming_writer.write_all(b"more stdin").await.unwrap();
+
+        let error = link.splice(&mut socket).await.expect_err("the program did not take its stdin");
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe, "{error}");
+        drop(link);
+        let output = outgoing_body.collect().await.expect("a clean end").to_bytes();
+        assert_eq!(&output[..], b"last output");
+    }
+
     #[tokio::test]
     async fn a_writer_dropped_without_shutdown_aborts_its_body() {
         let (mut writer, body, notice) = channel_noticing_drop();
@@ -377,6 +415,28 @@ mod tests {
         assert_eq!(first.into_data().ok().as_deref(), Some(&b"a"[..]));
         assert!(body.frame().await.expect("the abort").is_err());
         assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_abort_hook_runs_only_for_a_writer_dropped_unshut() {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hook = |runs: &Arc<std::sync::atomic::AtomicUsize>| {
+            let runs = runs.clone();
+            move || {
+                runs.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        let (mut writer, _body) = channel();
+        writer.on_abort(hook(&runs));
+        writer.shutdown().await.unwrap();
+        drop(writer);
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "a clean end is no abort");
+
+        let (mut writer, _body) = channel();
+        writer.on_abort(hook(&runs));
+        writer.write_all(b"x").await.unwrap();
+        drop(writer);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 //! handshake learned, saving a round trip per docker command.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -32,7 +33,10 @@ use crate::link::transport::{Dialer, SshProcess};
 /// large windows so one stream can fill the pipe, 64 KiB frames so an
 /// interactive frame never waits long behind a bulk one.
 pub const STREAM_WINDOW: u32 = 4 << 20;
-pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Many times a stream's window: a stream whose reader stopped (a paused
+/// container, a slow `logs -f` consumer) holds its whole window, and the
+/// connection's must stay open for every other stream past dozens of them.
+pub const CONNECTION_WINDOW: u32 = 256 << 20;
 pub const MAX_FRAME: u32 = 64 << 10;
 pub const MAX_SEND_BUFFER: usize = 256 << 10;
 /// Default time between HTTP/2 pings; a link that misses one answer for as
@@ -58,6 +62,8 @@ struct Inner {
 struct Link {
     sender: SendRequest<Body>,
     session: Arc<SessionInfo>,
+    /// Numbers this link's relayed streams (see [`Link::abortable`]).
+    streams: Arc<AtomicU64>,
     /// Kept so ssh lives exactly as long as the link.
     _ssh: Option<Arc<SshProcess>>,
 }
@@ -147,7 +153,7 @@ impl Inner {
     async fn open_tcp(self: Arc<Self>, port: u16) -> io::Result<Tunnel> {
         let link = self.link().await.map_err(|e| io::Error::other(e.user_message()))?;
         if link.session.features.iter().any(|f| f == protocol::FEATURE_STREAM_TUNNEL) {
-            return Ok(Tunnel::Stream(stream_tunnel(link.sender, port)));
+            return Ok(Tunnel::Stream(stream_tunnel(link, port)));
         }
         self.connect(port, false).await.map(Tunnel::Io)
     }
@@ -263,7 +269,7 @@ impl Inner {
         if let Ok(mut token) = self.resume_token.lock() {
             *token = Some(session.resume_token.clone());
         }
-        Ok(Link { sender, session: Arc::new(session), _ssh: ssh })
+        Ok(Link { sender, session: Arc::new(session), streams: Arc::default(), _ssh: ssh })
     }
 
     async fn handshake(
@@ -332,6 +338,9 @@ impl Inner {
             .headers
             .insert(HeaderName::from_static(protocol::BODY_LENGTH), HeaderValue::from(http_body.len()));
         let (mut writer, channel_body) = stream::channel();
+        let (id, abort) = link.abortable();
+        parts.headers.insert(HeaderName::from_static(protocol::STREAM_ID), HeaderValue::from(id));
+        writer.on_abort(abort);
         writer.write_all(&http_body).await.map_err(|e| self.failure(FailureKind::Broken, e.to_string()))?;
         let request = to_link_request(Request::from_parts(parts, body::stream(channel_body)));
         let mut sender = link.sender;
@@ -370,12 +379,13 @@ impl Inner {
 /// The client's bytes go out as the request body at once; the agent's answer
 /// (its status, then the port's bytes) is awaited on the first read. So a
 /// client that speaks first gets its first reply after one round trip.
-fn stream_tunnel(
-    mut sender: SendRequest<Body>,
-    port: u16,
-) -> LinkStream<AnswerReader<hyper::body::Incoming>> {
-    let (writer, request_body) = stream::channel();
+fn stream_tunnel(link: Link, port: u16) -> LinkStream<AnswerReader<hyper::body::Incoming>> {
+    let (mut writer, request_body) = stream::channel();
+    let (id, abort) = link.abortable();
+    writer.on_abort(abort);
+    let mut sender = link.sender;
     let request = Request::post(link_uri(&format!("{}/{port}", protocol::TUNNEL_PATH)))
+        .header(protocol::STREAM_ID, id)
         .body(body::stream(request_body))
         .map(|request| sender.send_request(request));
     let answer: BoxFuture<io::Result<hyper::body::Incoming>> = Box::pin(async move {
@@ -389,6 +399,32 @@ fn stream_tunnel(
         Ok(response.into_body())
     });
     LinkStream { reader: AnswerReader::new(answer), writer }
+}
+
+impl Link {
+    /// A number for a new relayed stream, and what tells the agent that the
+    /// stream failed on this side (see [`stream::BodyWriter::on_abort`]).
+    fn abortable(&self) -> (u64, impl FnOnce() + Send + 'static) {
+        let id = self.streams.fetch_add(1, Ordering::Relaxed);
+        let sender = self.sender.clone();
+        (id, move || send_abort(sender, id))
+    }
+}
+
+/// `POST /_offload/v1/abort/<id>`: headers only, so no flow-control window
+/// can hold it back. Its own task (a writer's drop cannot wait), which ends
+/// with the answer or with the link.
+fn send_abort(mut sender: SendRequest<Body>, id: u64) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let Ok(request) = Request::post(link_uri(&format!("{}/{id}", protocol::ABORT_PATH))).body(body::empty())
+    else {
+        return;
+    };
+    runtime.spawn(async move {
+        if let Err(error) = sender.send_request(request).await {
+            tracing::debug!(%error, id, "cannot tell the agent of an aborted stream");
+        }
+    });
 }
 
 fn link_uri(path_and_query: &str) -> Uri {
