@@ -7,11 +7,13 @@
 //! small and grow only for streams that move data, so a thousand idle
 //! attaches cost little memory.
 //!
-//! A write that fails with a broken pipe (the peer stopped reading: a
-//! container that exited while stdin still flowed, a server that answered
-//! and closed) ends that direction only: what the peer still sends, its last
-//! output first of all, is relayed to its end before the splice reports the
-//! failure. Any other error ends both directions at once.
+//! With [`OnBrokenPipe::FinishOtherWay`], a write that fails with a broken
+//! pipe (the engine stopped reading the stdin of a container that exited)
+//! ends that direction only: what the peer still sends, its last output
+//! first of all, is relayed to its end before the splice reports the
+//! failure. Any other error ends both directions at once, and so does a
+//! broken pipe by default: a port's relay could otherwise wait forever on a
+//! direction that nobody will end.
 //!
 //! [`splice_chunks`] does the same between a socket and a source and sink of
 //! owned chunks (the two HTTP/2 bodies of a link stream): the socket is read
@@ -36,15 +38,33 @@ pub struct Spliced {
     pub b_to_a: u64,
 }
 
-/// Relays `a` ⇄ `b` until both directions reached EOF, or one failed (a
-/// broken pipe first lets the other direction finish).
+/// What a write that fails with a broken pipe ends.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum OnBrokenPipe {
+    /// The whole splice, at once.
+    #[default]
+    EndSplice,
+    /// That direction only; the other relays to its own end first.
+    FinishOtherWay,
+}
+
+/// Relays `a` ⇄ `b` until both directions reached EOF, or one failed.
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<Spliced>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = Pipe::default();
-    let mut b_to_a = Pipe::default();
+    splice_with(a, b, OnBrokenPipe::EndSplice).await
+}
+
+/// The same, with a broken pipe handled as `on_broken_pipe` says.
+pub async fn splice_with<A, B>(a: &mut A, b: &mut B, on_broken_pipe: OnBrokenPipe) -> io::Result<Spliced>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = Pipe { on_broken_pipe, ..Pipe::default() };
+    let mut b_to_a = Pipe { on_broken_pipe, ..Pipe::default() };
     poll_fn(|cx| {
         let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b)?;
         let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a)?;
@@ -77,14 +97,19 @@ pub trait ChunkSink {
 /// Relays `socket` → `sink` and `source` → `socket` until both directions
 /// reached their end, or one failed; half-closes like [`splice`]. In the
 /// counts, `a` is the chunk side and `b` the socket.
-pub async fn splice_chunks<S, R, W>(socket: &mut S, source: &mut R, sink: &mut W) -> io::Result<Spliced>
+pub async fn splice_chunks<S, R, W>(
+    socket: &mut S,
+    source: &mut R,
+    sink: &mut W,
+    on_broken_pipe: OnBrokenPipe,
+) -> io::Result<Spliced>
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
     R: ChunkSource + ?Sized,
     W: ChunkSink + ?Sized,
 {
-    let mut outgoing = IntoChunks::default();
-    let mut incoming = FromChunks::default();
+    let mut outgoing = IntoChunks { on_broken_pipe, ..IntoChunks::default() };
+    let mut incoming = FromChunks { on_broken_pipe, ..FromChunks::default() };
     poll_fn(|cx| {
         // Incoming first: a refusal in the answer explains a sink that closed.
         let back = incoming.poll_pump(cx, &mut *source, &mut *socket)?;
@@ -99,10 +124,10 @@ where
     Ok(Spliced { a_to_b: incoming.total, b_to_a: outgoing.total })
 }
 
-/// A write that failed because its peer stopped reading; any other error is
+/// A write's failure that ends only its direction (`Ok`); any other is
 /// returned at once.
-fn broken_pipe(error: io::Error) -> Result<io::Error, io::Error> {
-    if error.kind() == io::ErrorKind::BrokenPipe {
+fn broken_pipe(error: io::Error, on_broken_pipe: OnBrokenPipe) -> Result<io::Error, io::Error> {
+    if on_broken_pipe == OnBrokenPipe::FinishOtherWay && error.kind() == io::ErrorKind::BrokenPipe {
         Ok(error)
     } else {
         Err(error)
@@ -128,12 +153,20 @@ struct IntoChunks {
     finished: bool,
     /// The sink's reader went away (see the module's note on broken pipes).
     broken: Option<io::Error>,
+    on_broken_pipe: OnBrokenPipe,
     total: u64,
 }
 
 impl Default for IntoChunks {
     fn default() -> Self {
-        Self { buffer: BytesMut::new(), read_size: INITIAL_BUFFER, finished: false, broken: None, total: 0 }
+        Self {
+            buffer: BytesMut::new(),
+            read_size: INITIAL_BUFFER,
+            finished: false,
+            broken: None,
+            on_broken_pipe: OnBrokenPipe::EndSplice,
+            total: 0,
+        }
     }
 }
 
@@ -179,7 +212,7 @@ impl IntoChunks {
     /// Ends this direction after the sink failed: for good if its reader
     /// went away, the whole splice otherwise.
     fn stop(&mut self, error: io::Error) -> Poll<io::Result<()>> {
-        self.broken = Some(broken_pipe(error)?);
+        self.broken = Some(broken_pipe(error, self.on_broken_pipe)?);
         self.finished = true;
         self.buffer = BytesMut::new();
         Poll::Ready(Ok(()))
@@ -195,6 +228,7 @@ struct FromChunks {
     finished: bool,
     /// The socket's peer stopped reading (see the module's note).
     broken: Option<io::Error>,
+    on_broken_pipe: OnBrokenPipe,
     total: u64,
 }
 
@@ -218,7 +252,7 @@ impl FromChunks {
                     Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Ok(n) => n,
                     Err(error) => {
-                        self.broken = Some(broken_pipe(error)?);
+                        self.broken = Some(broken_pipe(error, self.on_broken_pipe)?);
                         self.finished = true;
                         self.pending = Bytes::new();
                         return Poll::Ready(Ok(()));
@@ -262,6 +296,7 @@ struct Pipe {
     finished: bool,
     /// The writer's peer stopped reading (see the module's note).
     broken: Option<io::Error>,
+    on_broken_pipe: OnBrokenPipe,
     total: u64,
 }
 
@@ -308,7 +343,7 @@ impl Pipe {
                     Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Ok(n) => n,
                     Err(error) => {
-                        self.broken = Some(broken_pipe(error)?);
+                        self.broken = Some(broken_pipe(error, self.on_broken_pipe)?);
                         self.finished = true;
                         self.buffer = Vec::new();
                         return Poll::Ready(Ok(()));
@@ -383,12 +418,27 @@ mod tests {
         server.write_all(b"last output").await.unwrap();
         drop(server);
 
-        let error = splice(&mut client_side, &mut server_side).await.expect_err("stdin was not taken");
+        let error = splice_with(&mut client_side, &mut server_side, OnBrokenPipe::FinishOtherWay)
+            .await
+            .expect_err("stdin was not taken");
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe, "{error}");
         drop(client_side);
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"last output");
+
+        // By default a broken pipe ends the splice at once, the other way too.
+        let (mut client, mut client_side) = tokio::net::UnixStream::pair().unwrap();
+        let (mut server_side, mut server) = tokio::net::UnixStream::pair().unwrap();
+        client.write_all(b"stdin").await.unwrap();
+        server.write_all(b"last output").await.unwrap();
+        drop(server);
+        let error = splice(&mut client_side, &mut server_side).await.expect_err("stdin was not taken");
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe, "{error}");
+        drop(client_side);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty(), "{got:?}");
 
         // A read that fails is no broken pipe of the writer's: it ends both ways.
         struct Failing;
@@ -414,7 +464,11 @@ mod tests {
         }
         // `silent` never ends on its own: only an immediate failure returns.
         let (mut silent, _held) = duplex(64);
-        let outcome = tokio::time::timeout(Duration::from_secs(5), splice(&mut Failing, &mut silent)).await;
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            splice_with(&mut Failing, &mut silent, OnBrokenPipe::FinishOtherWay),
+        )
+        .await;
         assert!(outcome.expect("a failed read ends the splice").is_err());
     }
 

@@ -28,7 +28,7 @@ use crate::docker::ownership::{add_label, creation, loaded_images, Creation, SES
 use crate::docker::ports::bind_to_loopback;
 use crate::link::protocol::{self, EngineFacts, GpuFacts, PingFacts, SessionInfo, SessionRequest};
 use crate::link::stream::{self, BodyReader, LinkStream};
-use crate::splice::splice;
+use crate::splice::{splice, OnBrokenPipe};
 use crate::upstream::engine::EngineUpstream;
 use crate::upstream::{Exchange, Upstream, UpstreamError};
 
@@ -553,18 +553,19 @@ async fn stream_tunnel(
     let Ok(port) = port.parse::<u16>() else {
         return error_response(StatusCode::BAD_REQUEST, &format!("not a port number: {port}"));
     };
+    // Watched from the start: an abort may come while the port is dialled.
+    let abort = abort_watch(link_context, request.headers());
     let stream = match dial_forward(state, std::net::Ipv4Addr::LOCALHOST.into(), port).await {
         Ok(stream) => stream,
         Err(refusal) => return refusal,
     };
     let (writer, response_body, ended) = stream::channel_noticing_drop();
     let activity = session.activity(ActivityKind::Stream);
-    let abort = abort_watch(link_context, request.headers());
     tokio::spawn(async move {
         let _activity = activity;
         let mut link = LinkStream { reader: BodyReader::new(request.into_body()), writer };
         let mut stream = stream;
-        match relay_link_stream(&mut link, &mut stream, ended, abort).await {
+        match relay_link_stream(&mut link, &mut stream, ended, abort, OnBrokenPipe::EndSplice).await {
             Ok(Some(_)) => return,
             Ok(None) => tracing::debug!(port, "forwarded connection reset by the proxy"),
             Err(error) => tracing::debug!(%error, port, "forwarded connection aborted"),
@@ -717,7 +718,9 @@ async fn upgrade(
             Err(error) => return tracing::debug!(%error, "engine upgrade failed"),
         };
         let mut link = LinkStream { reader: BodyReader::with_prefix(incoming, leftover), writer };
-        match relay_link_stream(&mut link, &mut engine, ended, abort).await {
+        // A program that exits while its stdin still flows: its last output
+        // is relayed before the stream ends.
+        match relay_link_stream(&mut link, &mut engine, ended, abort, OnBrokenPipe::FinishOtherWay).await {
             Ok(Some(counts)) => {
                 tracing::debug!(sent = counts.a_to_b, received = counts.b_to_a, "upgraded stream ended")
             }
@@ -742,12 +745,13 @@ async fn relay_link_stream<T>(
     target: &mut T,
     ended: tokio::sync::oneshot::Receiver<()>,
     mut abort: Option<AbortWatch>,
+    on_broken_pipe: OnBrokenPipe,
 ) -> std::io::Result<Option<crate::splice::Spliced>>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
     tokio::select! {
-        spliced = link.splice(target) => spliced.map(Some),
+        spliced = link.splice_with(target, on_broken_pipe) => spliced.map(Some),
         Err(_) = ended => Ok(None),
         () = aborted(&mut abort) => {
             Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "aborted by the proxy"))

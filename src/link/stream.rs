@@ -9,15 +9,16 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body::{Body as HttpBody, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::PollSender;
 
 use crate::body::BoxError;
-use crate::splice::{splice_chunks, ChunkSink, ChunkSource, Spliced};
+use crate::splice::{splice_chunks, ChunkSink, ChunkSource, OnBrokenPipe, Spliced};
 
 /// Frames in flight between a writer and its body; HTTP/2 flow control does
 /// the real pacing, this only bounds what sits in memory.
@@ -161,9 +162,32 @@ pub struct ChannelBody {
     /// Tells the writer's owner how the body went: sent `()` at its end,
     /// dropped unsent when the body is dropped before it (a reset).
     ended: Option<tokio::sync::oneshot::Sender<()>>,
-    /// Set by the writer's close: without it, the channel's end is an abort.
-    closed: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     aborted: bool,
+}
+
+/// What a writer and its body know of each other.
+#[derive(Default)]
+struct Shared {
+    /// Set by the writer's close: without it, the channel's end is an abort.
+    closed: AtomicBool,
+    /// The body is done: it yielded its end, or hyper dropped it (its stream
+    /// is over either way).
+    settled: AtomicBool,
+    settled_notice: Notify,
+}
+
+impl Shared {
+    fn settle(&self) {
+        self.settled.store(true, Ordering::Release);
+        self.settled_notice.notify_waiters();
+    }
+}
+
+impl Drop for ChannelBody {
+    fn drop(&mut self) {
+        self.shared.settle();
+    }
 }
 
 impl HttpBody for ChannelBody {
@@ -176,10 +200,11 @@ impl HttpBody for ChannelBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match ready!(self.frames.poll_recv(cx)) {
             Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-            None if self.closed.load(Ordering::Acquire) => {
+            None if self.shared.closed.load(Ordering::Acquire) => {
                 if let Some(ended) = self.ended.take() {
                     let _ = ended.send(());
                 }
+                self.shared.settle();
                 Poll::Ready(None)
             }
             None if self.aborted => Poll::Ready(None),
@@ -197,17 +222,21 @@ impl HttpBody for ChannelBody {
 /// without it aborts the body.
 pub struct BodyWriter {
     frames: PollSender<Bytes>,
-    closed: Arc<AtomicBool>,
-    on_abort: Option<Box<dyn FnOnce() + Send>>,
+    shared: Arc<Shared>,
+    on_abort: Option<(Box<dyn FnOnce() + Send>, Duration)>,
 }
+
+/// How long a shut-down writer's body may take to leave after the writer is
+/// dropped before its stream counts as stuck (see [`BodyWriter::on_abort`]).
+const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 
 /// A connected writer and body.
 pub fn channel() -> (BodyWriter, ChannelBody) {
     let (sender, receiver) = mpsc::channel(CHANNEL_FRAMES);
-    let closed = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared::default());
     (
-        BodyWriter { frames: PollSender::new(sender), closed: closed.clone(), on_abort: None },
-        ChannelBody { frames: receiver, ended: None, closed, aborted: false },
+        BodyWriter { frames: PollSender::new(sender), shared: shared.clone(), on_abort: None },
+        ChannelBody { frames: receiver, ended: None, shared, aborted: false },
     )
 }
 
@@ -226,22 +255,45 @@ impl BodyWriter {
         io::Error::new(io::ErrorKind::BrokenPipe, "the stream's reader has gone")
     }
 
-    /// Runs `hook` if the writer is dropped without shutdown. hyper sends a
-    /// body's error as RST_STREAM only when it next polls the body, and it
-    /// does not while a chunk waits for flow-control window the peer is not
-    /// giving (its program stopped reading): the hook tells the peer apart.
+    /// Runs `hook` when the writer is dropped and its body did not end: at
+    /// once if the writer was not shut down (an abort), or if it was but the
+    /// body has not left within [`DELIVERY_GRACE`]. hyper sends a body's
+    /// error as RST_STREAM, and its end as END_STREAM, only once the stream
+    /// has flow-control window, which a peer whose program stopped reading
+    /// never gives: the hook tells the peer apart.
     pub fn on_abort(&mut self, hook: impl FnOnce() + Send + 'static) {
-        self.on_abort = Some(Box::new(hook));
+        self.on_abort = Some((Box::new(hook), DELIVERY_GRACE));
+    }
+
+    #[cfg(test)]
+    fn on_abort_after(&mut self, grace: Duration, hook: impl FnOnce() + Send + 'static) {
+        self.on_abort = Some((Box::new(hook), grace));
     }
 }
 
 impl Drop for BodyWriter {
     fn drop(&mut self) {
-        if !self.closed.load(Ordering::Acquire) {
-            if let Some(hook) = self.on_abort.take() {
+        let Some((hook, grace)) = self.on_abort.take() else { return };
+        if self.shared.settled.load(Ordering::Acquire) {
+            return;
+        }
+        if !self.shared.closed.load(Ordering::Acquire) {
+            return hook();
+        }
+        // Shut down: its end may be a moment from leaving, or stuck.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let shared = self.shared.clone();
+        runtime.spawn(async move {
+            let settled = shared.settled_notice.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if shared.settled.load(Ordering::Acquire) {
+                return;
+            }
+            if tokio::time::timeout(grace, settled).await.is_err() {
                 hook();
             }
-        }
+        });
     }
 }
 
@@ -255,7 +307,7 @@ impl ChunkSink for BodyWriter {
     }
 
     fn close(&mut self) {
-        self.closed.store(true, Ordering::Release);
+        self.shared.closed.store(true, Ordering::Release);
         // A slot reserved and not used holds the channel open: give it back.
         self.frames.abort_send();
         self.frames.close();
@@ -274,7 +326,18 @@ impl<R: ChunkSource> LinkStream<R> {
     where
         S: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
-        splice_chunks(socket, &mut self.reader, &mut self.writer).await
+        self.splice_with(socket, OnBrokenPipe::EndSplice).await
+    }
+
+    pub async fn splice_with<S>(
+        &mut self,
+        socket: &mut S,
+        on_broken_pipe: OnBrokenPipe,
+    ) -> io::Result<Spliced>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        splice_chunks(socket, &mut self.reader, &mut self.writer, on_broken_pipe).await
     }
 }
 
@@ -391,7 +454,10 @@ mod tests {
         drop(program);
         incoming_writer.write_all(b"more stdin").await.unwrap();
 
-        let error = link.splice(&mut socket).await.expect_err("the program did not take its stdin");
+        let error = link
+            .splice_with(&mut socket, OnBrokenPipe::FinishOtherWay)
+            .await
+            .expect_err("the program did not take its stdin");
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe, "{error}");
         drop(link);
         let output = outgoing_body.collect().await.expect("a clean end").to_bytes();
@@ -418,7 +484,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_abort_hook_runs_only_for_a_writer_dropped_unshut() {
+    async fn the_abort_hook_runs_only_for_a_body_that_did_not_end() {
+        let grace = Duration::from_millis(100);
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let hook = |runs: &Arc<std::sync::atomic::AtomicUsize>| {
             let runs = runs.clone();
@@ -426,17 +493,41 @@ mod tests {
                 runs.fetch_add(1, Ordering::SeqCst);
             }
         };
-        let (mut writer, _body) = channel();
-        writer.on_abort(hook(&runs));
+        let count = || runs.load(Ordering::SeqCst);
+
+        // Shut down and delivered: a clean end.
+        let (mut writer, body) = channel();
+        writer.on_abort_after(grace, hook(&runs));
+        writer.write_all(b"x").await.unwrap();
         writer.shutdown().await.unwrap();
         drop(writer);
-        assert_eq!(runs.load(Ordering::SeqCst), 0, "a clean end is no abort");
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
+        tokio::time::sleep(grace * 3).await;
+        assert_eq!(count(), 0, "a delivered end is no abort");
 
+        // The body gone first (its stream ended): nothing to abort.
+        let (mut writer, body) = channel();
+        writer.on_abort_after(grace, hook(&runs));
+        drop(body);
+        drop(writer);
+        assert_eq!(count(), 0);
+
+        // Dropped unshut: an abort, at once.
         let (mut writer, _body) = channel();
-        writer.on_abort(hook(&runs));
+        writer.on_abort_after(grace, hook(&runs));
         writer.write_all(b"x").await.unwrap();
         drop(writer);
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(count(), 1);
+
+        // Shut down, but its end never leaves (nobody polls the body): an
+        // abort once the grace is over, not before.
+        let (mut writer, _held) = channel();
+        writer.on_abort_after(grace, hook(&runs));
+        writer.shutdown().await.unwrap();
+        drop(writer);
+        assert_eq!(count(), 1);
+        tokio::time::sleep(grace * 3).await;
+        assert_eq!(count(), 2);
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use crate::docker::headers::{
 };
 use crate::docker::route::{classify, container_started, container_stopped, Route};
 use crate::lifecycle::Lifecycle;
-use crate::splice::splice;
+use crate::splice::{splice_with, OnBrokenPipe};
 use crate::upstream::{BoxFuture, BoxedIo, Upstream, UpstreamError};
 
 /// What every request handler shares.
@@ -69,7 +69,10 @@ pub async fn handle(
         response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         return Ok(response);
     }
-    if request.uri().path().starts_with(crate::link::protocol::TUNNEL_PATH) {
+    let path = request.uri().path();
+    if path.starts_with(crate::link::protocol::TUNNEL_PATH)
+        || path.starts_with(crate::link::protocol::ABORT_PATH)
+    {
         // Like CONNECT: a local client must not dial the remote's loopback.
         return Ok(error_response(
             StatusCode::FORBIDDEN,
@@ -207,7 +210,11 @@ async fn relay(
     }
     let mut client = TokioIo::new(client);
     tokio::select! {
-        result = splice(&mut client, &mut upstream) => match result {
+        // A hang-up seen with the splice's end is no abort.
+        biased;
+        // The engine's last output reaches the client even when it stopped
+        // reading stdin (a container that exited).
+        result = splice_with(&mut client, &mut upstream, OnBrokenPipe::FinishOtherWay) => match result {
             Ok(counts) => tracing::debug!(sent = counts.a_to_b, received = counts.b_to_a, "hijacked stream ended"),
             Err(error) => tracing::debug!(%error, "hijacked stream aborted"),
         },
