@@ -343,3 +343,24 @@ fn run_fed(mut command: std::process::Command, bytes: usize) -> std::process::Ou
         stderr: err.join().unwrap_or_default(),
     }
 }
+
+/// The link's own `x-offload-*` headers are the proxy's to set: a client's
+/// are dropped. Believed, `x-offload-upgrade` on a create would make the
+/// agent send the engine an upgrade with an empty body.
+#[test]
+fn a_clients_link_headers_are_not_believed() {
+    ensure_images();
+    let proxy = Proxy::start_via(Via::UnixAgent);
+    let mut cleanup = Cleanup::default();
+    let name = cleanup.container(&unique("spoof"));
+    let body = format!(r#"{{"Image":"{IMAGE}","Cmd":["true"]}}"#);
+    let request = format!(
+        "POST /containers/create?name={name} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n\
+         X-Offload-Upgrade: tcp\r\nX-Offload-Body-Length: 0\r\nX-Offload-Background: 1\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let response =
+        String::from_utf8_lossy(&raw_exchange(&proxy.socket, request.as_bytes(), LIMIT)).to_string();
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}\n{}", proxy.log_text());
+}

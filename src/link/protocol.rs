@@ -31,6 +31,9 @@ pub const PREFIX: &str = "/_offload/";
 /// (`offload diagnose`'s throughput probe).
 pub const PROBE_PATH: &str = "/_offload/v1/probe";
 
+/// What every header of the link's own starts with: the proxy sets them, and
+/// drops any a local client sends.
+pub const HEADER_PREFIX: &str = "x-offload-";
 /// The client's `Upgrade` value (`tcp`, `h2c`), on an upgraded request.
 pub const UPGRADE: &str = "x-offload-upgrade";
 /// How many leading request-body bytes are the HTTP body (the rest is the stream).

@@ -79,6 +79,16 @@ pub async fn handle(
             "offload's tunnels are its own; published ports are forwarded by offload itself",
         ));
     }
+    // The agent believes the link's headers: only the proxy may set them.
+    let spoofed: Vec<http::HeaderName> = request
+        .headers()
+        .keys()
+        .filter(|name| name.as_str().starts_with(crate::link::protocol::HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for name in spoofed {
+        request.headers_mut().remove(name);
+    }
     if request.uri().path() == LOCAL_STATUS_PATH && request.method() == http::Method::GET {
         return Ok(local_status(&state));
     }
