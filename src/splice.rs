@@ -251,12 +251,7 @@ impl FromChunks {
                 let n = match ready!(Pin::new(&mut *socket).poll_write(cx, &self.pending)) {
                     Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Ok(n) => n,
-                    Err(error) => {
-                        self.broken = Some(broken_pipe(error, self.on_broken_pipe)?);
-                        self.finished = true;
-                        self.pending = Bytes::new();
-                        return Poll::Ready(Ok(()));
-                    }
+                    Err(error) => return self.stop(error),
                 };
                 self.pending.advance(n);
                 self.total += n as u64;
@@ -281,6 +276,15 @@ impl FromChunks {
                 }
             }
         }
+    }
+
+    /// Ends this direction after a failed write to the socket (see
+    /// [`Pipe::stop`]).
+    fn stop(&mut self, error: io::Error) -> Poll<io::Result<()>> {
+        self.broken = Some(broken_pipe(error, self.on_broken_pipe)?);
+        self.finished = true;
+        self.pending = Bytes::new();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -342,12 +346,7 @@ impl Pipe {
                 {
                     Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Ok(n) => n,
-                    Err(error) => {
-                        self.broken = Some(broken_pipe(error, self.on_broken_pipe)?);
-                        self.finished = true;
-                        self.buffer = Vec::new();
-                        return Poll::Ready(Ok(()));
-                    }
+                    Err(error) => return self.stop(error),
                 };
                 self.start += n;
                 self.total += n as u64;
@@ -361,6 +360,15 @@ impl Pipe {
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+
+    /// Ends this direction after a failed write: for good if the writer's
+    /// peer stopped reading, the whole splice otherwise.
+    fn stop(&mut self, error: io::Error) -> Poll<io::Result<()>> {
+        self.broken = Some(broken_pipe(error, self.on_broken_pipe)?);
+        self.finished = true;
+        self.buffer = Vec::new();
+        Poll::Ready(Ok(()))
     }
 
     fn prepare_buffer(&mut self) {

@@ -265,19 +265,23 @@ fn run_cut_off(extra: &[&str]) {
 
 /// A program that exits while its stdin still flows (`docker run -i ... head
 /// -c 5` fed a large input) still has its output delivered, and its attach
-/// ends with the client. Before, each such run left the agent relaying a
-/// stream whose request window the engine never read, and after a handful
-/// of them the link carried no request with a body (`docker create` hung).
+/// ends with the client. The engine stops reading a finished container's
+/// stdin but keeps the connection open until the client closes it; the
+/// agent's relay must end then. Before, each run left a relay holding its
+/// stream's window and the session's activity, and after a handful the link
+/// carried no request with a body (`docker create` hung).
 #[test]
 fn programs_that_stop_reading_stdin_lose_no_output_and_do_not_wedge_the_link() {
     ensure_images();
     let proxy = Proxy::start_via(Via::UnixAgent);
     let mut cleanup = Cleanup::default();
+    let streams = |proxy: &Proxy| agent_status(proxy)["activity"]["streams"].as_u64();
+    let input = b"y\n".repeat(10 << 20);
     for round in 0..8 {
         let name = cleanup.container(&unique("stdin"));
         let mut command = proxy.docker(DOCKER_28);
         command.args(["run", "-i", "--name", &name, IMAGE, "head", "-c", "5"]);
-        let output = run_fed(command, 20 << 20);
+        let output = run_offering(command, &input, LIMIT);
         assert_eq!(
             String::from_utf8_lossy(&output.stdout),
             "y\ny\ny",
@@ -286,62 +290,18 @@ fn programs_that_stop_reading_stdin_lose_no_output_and_do_not_wedge_the_link() {
             proxy.log_text()
         );
     }
+    // The relays ended with their clients.
+    assert!(
+        eventually(Duration::from_secs(20), || streams(&proxy) == Some(0)),
+        "relays still open: {}",
+        agent_status(&proxy)
+    );
     // A request with a body still passes.
     let name = cleanup.container(&unique("after"));
     let mut command = proxy.docker(DOCKER_28);
     command.args(["create", "--name", &name, IMAGE, "true"]);
     let output = run(command, None, LIMIT);
     assert!(output.status.success(), "{}\n{}", stderr_of(&output), proxy.log_text());
-}
-
-/// Runs `command` with `bytes` of "y\n" offered on stdin (as `yes | head -c`
-/// would: the writer stops at the first failed write) and its stdout read.
-fn run_fed(mut command: std::process::Command, bytes: usize) -> std::process::Output {
-    use std::io::{Read, Write};
-    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = command.spawn().expect("spawn docker");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let feeder = std::thread::spawn(move || {
-        let chunk = b"y\n".repeat(32 << 10);
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            if stdin.write_all(&chunk[..n]).is_err() {
-                break;
-            }
-            left -= n;
-        }
-    });
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = stdout.read_to_end(&mut bytes);
-        bytes
-    });
-    let err = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = stderr.read_to_end(&mut bytes);
-        bytes
-    });
-    let deadline = Instant::now() + LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{command:?} did not finish within {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let _ = feeder.join();
-    std::process::Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
 }
 
 /// The link's own `x-offload-*` headers are the proxy's to set: a client's

@@ -42,20 +42,6 @@ fn engine_has(kind: &str, name: &str) -> bool {
     command.status().map(|s| s.success()).unwrap_or(false)
 }
 
-fn status(proxy: &Proxy) -> serde_json::Value {
-    let response = raw_exchange(
-        &proxy.socket,
-        b"GET /_offload/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(10),
-    );
-    let text = String::from_utf8_lossy(&response);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    // The answer may be chunked: take the JSON object inside.
-    let start = body.find('{').unwrap_or(0);
-    let end = body.rfind('}').map(|e| e + 1).unwrap_or(body.len());
-    serde_json::from_str(&body[start..end]).unwrap_or_else(|e| panic!("status: {e}: {text}"))
-}
-
 #[test]
 fn idle_session_removes_exactly_what_it_created() {
     ensure_images();
@@ -109,7 +95,7 @@ fn idle_session_removes_exactly_what_it_created() {
     let compose_network = cleanup.network(&format!("{project}_default"));
     cleanup.container(&format!("{project}_job_1"));
 
-    let report = status(&proxy);
+    let report = agent_status(&proxy);
     assert!(report["resources"]["images"].as_array().is_some_and(|i| i.len() == 1), "{report}");
     assert!(report["resources"]["containers"].as_array().is_some_and(|c| c.len() == 2), "{report}");
 
@@ -145,7 +131,7 @@ fn running_containers_and_open_streams_keep_a_session() {
     docker(&proxy, &["run", "-d", "--name", &sleeper, IMAGE, "sleep", "300"]);
     std::thread::sleep(Duration::from_secs(5));
     assert!(engine_has("container", &sleeper), "a running container did not keep its session");
-    let report = status(&proxy);
+    let report = agent_status(&proxy);
     assert_eq!(report["activity"]["running_containers"], 1, "{report}");
 
     // The container stops; an open `docker events` still keeps the session.
@@ -189,14 +175,14 @@ fn an_abandoned_attach_stops_counting_as_activity() {
         .stderr(Stdio::null())
         .spawn()
         .expect("attach");
-    let streams = |proxy: &Proxy| status(proxy)["activity"]["streams"].as_u64();
-    assert!(eventually(Duration::from_secs(10), || streams(&proxy) == Some(1)), "{}", status(&proxy));
+    let streams = |proxy: &Proxy| agent_status(proxy)["activity"]["streams"].as_u64();
+    assert!(eventually(Duration::from_secs(10), || streams(&proxy) == Some(1)), "{}", agent_status(&proxy));
     let _ = attach.kill();
     let _ = attach.wait();
     assert!(
         eventually(Duration::from_secs(10), || streams(&proxy) == Some(0)),
         "the abandoned attach still counts: {}",
-        status(&proxy)
+        agent_status(&proxy)
     );
 }
 

@@ -335,7 +335,7 @@ async fn forward(
     let method = request.method().clone();
     let creation = creation(&method, request.uri().path(), request.uri().query());
     let (mut parts, incoming) = request.into_parts();
-    parts.headers.remove(protocol::BACKGROUND);
+    protocol::strip_link_headers(&mut parts.headers);
     let mut outgoing = body::stream(incoming);
     let mut new_images = Vec::new();
     let mut images_before = None;
@@ -685,9 +685,7 @@ async fn upgrade(
         Ok(split) => split,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
     };
-    for name in [protocol::UPGRADE, protocol::BODY_LENGTH, protocol::BACKGROUND, protocol::STREAM_ID] {
-        parts.headers.remove(name);
-    }
+    protocol::strip_link_headers(&mut parts.headers);
     parts.headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     parts.headers.insert(header::UPGRADE, protocol_value);
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_length));

@@ -34,6 +34,16 @@ pub const PROBE_PATH: &str = "/_offload/v1/probe";
 /// What every header of the link's own starts with: the proxy sets them, and
 /// drops any a local client sends.
 pub const HEADER_PREFIX: &str = "x-offload-";
+/// Removes every header of the link's own: from a local client's request
+/// (the agent believes them), and from what the agent sends the engine.
+pub fn strip_link_headers(headers: &mut http::HeaderMap) {
+    let ours: Vec<http::HeaderName> =
+        headers.keys().filter(|name| name.as_str().starts_with(HEADER_PREFIX)).cloned().collect();
+    for name in ours {
+        headers.remove(name);
+    }
+}
+
 /// The client's `Upgrade` value (`tcp`, `h2c`), on an upgraded request.
 pub const UPGRADE: &str = "x-offload-upgrade";
 /// How many leading request-body bytes are the HTTP body (the rest is the stream).
@@ -125,4 +135,23 @@ pub struct GpuFacts {
 pub struct PingFacts {
     pub headers: Vec<(String, String)>,
     pub body: String,
+}
+
+#[cfg(test)]
+mod link_header_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_links_own_headers_are_stripped() {
+        let mut headers = http::HeaderMap::new();
+        for name in [UPGRADE, BODY_LENGTH, BACKGROUND, STREAM_ID, "X-Offload-Anything"] {
+            headers.insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), "1".parse().unwrap());
+        }
+        headers.insert("x-offloaded", "kept".parse().unwrap());
+        headers.insert("content-type", "application/json".parse().unwrap());
+        strip_link_headers(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-offloaded"]);
+    }
 }

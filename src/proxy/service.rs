@@ -80,15 +80,7 @@ pub async fn handle(
         ));
     }
     // The agent believes the link's headers: only the proxy may set them.
-    let spoofed: Vec<http::HeaderName> = request
-        .headers()
-        .keys()
-        .filter(|name| name.as_str().starts_with(crate::link::protocol::HEADER_PREFIX))
-        .cloned()
-        .collect();
-    for name in spoofed {
-        request.headers_mut().remove(name);
-    }
+    crate::link::protocol::strip_link_headers(request.headers_mut());
     if request.uri().path() == LOCAL_STATUS_PATH && request.method() == http::Method::GET {
         return Ok(local_status(&state));
     }

@@ -403,17 +403,38 @@ impl Drop for Proxy {
 }
 
 /// Runs a command to completion with a deadline; kills it when it overruns.
-pub fn run(mut command: Command, stdin: Option<&[u8]>, limit: Duration) -> Output {
+/// All of `stdin` must be taken.
+pub fn run(command: Command, stdin: Option<&[u8]>, limit: Duration) -> Output {
+    run_feeding(command, stdin, limit, false)
+}
+
+/// The same for a program that may stop reading its stdin early (`head -c`):
+/// feeding ends at the broken pipe, as it does for `yes | ...`.
+pub fn run_offering(command: Command, stdin: &[u8], limit: Duration) -> Output {
+    run_feeding(command, Some(stdin), limit, true)
+}
+
+fn run_feeding(
+    mut command: Command,
+    stdin: Option<&[u8]>,
+    limit: Duration,
+    may_stop_reading: bool,
+) -> Output {
     command
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let description = format!("{command:?}");
     let mut child = command.spawn().unwrap_or_else(|e| panic!("spawn {description}: {e}"));
-    if let Some(input) = stdin {
+    // Fed from a thread: a program that stops reading must not stall the deadline.
+    let feeder = stdin.map(|input| {
         let mut pipe = child.stdin.take().expect("stdin");
-        pipe.write_all(input).expect("write stdin");
-    }
+        let input = input.to_vec();
+        std::thread::spawn(move || match pipe.write_all(&input) {
+            Err(error) if may_stop_reading && error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            written => written,
+        })
+    });
     let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
     let out_reader = std::thread::spawn(move || read_all(stdout));
@@ -430,6 +451,9 @@ pub fn run(mut command: Command, stdin: Option<&[u8]>, limit: Duration) -> Outpu
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    if let Some(feeder) = feeder {
+        feeder.join().expect("stdin feeder").expect("write stdin");
+    }
     Output {
         status,
         stdout: out_reader.join().unwrap_or_default(),
@@ -541,6 +565,21 @@ pub fn raw_exchange(socket: &Path, request: &[u8], limit: Duration) -> Vec<u8> {
         }
     }
     response
+}
+
+/// The agent's session status through the proxy (`GET /_offload/v1/status`).
+pub fn agent_status(proxy: &Proxy) -> serde_json::Value {
+    let response = raw_exchange(
+        &proxy.socket,
+        b"GET /_offload/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    let text = String::from_utf8_lossy(&response);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    // The answer may be chunked: take the JSON object inside.
+    let start = body.find('{').unwrap_or(0);
+    let end = body.rfind('}').map(|e| e + 1).unwrap_or(body.len());
+    serde_json::from_str(&body[start..end]).unwrap_or_else(|e| panic!("status: {e}: {text}"))
 }
 
 /// A `GET /_ping` through `socket` succeeds: the proxy is still serving.
